@@ -1,0 +1,233 @@
+"""RecurrentGemma (Griffin) backbone."""
+
+import math
+
+import keras
+import ml_dtypes
+from keras import ops
+from keras_hub.layers import ReversibleEmbedding
+from keras_hub.models import Backbone
+
+from keras_recurrentgemma.layers import BLOCK_TYPES
+from keras_recurrentgemma.layers import ResidualBlock
+from keras_recurrentgemma.layers import RMSNormalization
+from keras_recurrentgemma.layers import SegmentPositions
+
+
+def embedding_normalizer(hidden_dim):
+    """`sqrt(hidden_dim)` rounded to bfloat16, as the official model trains.
+
+    50.5 (not 50.596) for the 2B's width 2560; 64.0 for the 9B's 4096.
+    """
+    return float(ml_dtypes.bfloat16(math.sqrt(hidden_dim)))
+
+
+def _with_segment_pos(inputs):
+    if isinstance(inputs, dict) and "segment_pos" not in inputs:
+        return {**inputs, "segment_pos": None}
+    return inputs
+
+
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class RecurrentGemmaBackbone(Backbone):
+    """RecurrentGemma (Griffin) decoder: RG-LRU recurrences and local attention.
+
+    Embeds tokens, scales them by `bfloat16(sqrt(hidden_dim))`, runs
+    `len(block_types)` residual blocks whose temporal mixing is either a
+    recurrent block (Conv1D + RG-LRU) or local multi-query attention, and
+    applies a final RMSNorm. The output is the final hidden state
+    `[batch, seq, hidden_dim]`; logits are
+    `token_embedding(hidden, reverse=True)`, tied to the embedding and
+    soft-capped with `tanh(logits / cap) · cap`.
+
+    The same class builds Griffin (recurrent and attention blocks), Hawk (all
+    recurrent) and an attention-only baseline.
+
+    Args:
+        vocabulary_size: int. Number of tokens.
+        hidden_dim: int. Model width (`width` in the official config).
+        intermediate_dim: int. MLP expanded width (`mlp_expanded_width`;
+            half of Hugging Face's `intermediate_size`).
+        num_heads: int. Attention query heads, and diagonal blocks of the
+            RG-LRU gates. `hidden_dim / num_heads` is the head dim.
+        block_types: list of str. One entry per layer, `"recurrent"` or
+            `"attention"`.
+        lru_width: int. RG-LRU width. Defaults to `hidden_dim`.
+        attention_window_size: int. Each query sees itself and this many
+            keys before it. Defaults to `2048`.
+        conv1d_temporal_width: int. Conv1D kernel length. Defaults to `4`.
+        logits_soft_cap: float or None. Defaults to `30.0`.
+        embeddings_scale_by_sqrt_dim: bool. Defaults to `True`.
+        layer_norm_epsilon: float. RMSNorm epsilon. Defaults to `1e-6`.
+        rope_max_wavelength: int. Defaults to `10000`.
+        scan_implementation: str. RG-LRU scan implementation, see
+            `keras_recurrentgemma.ops.rg_lru_scan`. Defaults to `"auto"`.
+        dtype: string or `keras.DTypePolicy`. Weights and compute dtype.
+
+    Inputs:
+        token_ids: int `[batch, seq]`.
+        padding_mask: int `[batch, seq]`, 1 for real tokens. Left or right
+            padding both work: padded positions never reach real tokens.
+        segment_pos: optional int `[batch, seq]`, each token's position in
+            its document, for packed rows; 0 starts a document.
+
+    Example:
+    ```python
+    backbone = keras_recurrentgemma.RecurrentGemmaBackbone(
+        vocabulary_size=256,
+        hidden_dim=64,
+        intermediate_dim=192,
+        num_heads=4,
+        block_types=["recurrent", "recurrent", "attention"],
+        attention_window_size=16,
+    )
+    hidden = backbone({
+        "token_ids": np.array([[2, 17, 42, 7]]),
+        "padding_mask": np.ones((1, 4), "int32"),
+    })
+    logits = backbone.token_embedding(hidden, reverse=True)
+    ```
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        hidden_dim,
+        intermediate_dim,
+        num_heads,
+        block_types,
+        lru_width=None,
+        attention_window_size=2048,
+        conv1d_temporal_width=4,
+        logits_soft_cap=30.0,
+        embeddings_scale_by_sqrt_dim=True,
+        layer_norm_epsilon=1e-6,
+        rope_max_wavelength=10_000,
+        scan_implementation="auto",
+        dtype=None,
+        **kwargs,
+    ):
+        block_types = list(block_types)
+        bad = [b for b in block_types if b not in BLOCK_TYPES]
+        if bad or not block_types:
+            raise ValueError(
+                f"`block_types` must be a non-empty list of {BLOCK_TYPES}; "
+                f"got {block_types}."
+            )
+        lru_width = hidden_dim if lru_width is None else lru_width
+        for name, value in (("hidden_dim", hidden_dim), ("lru_width", lru_width)):
+            if value % num_heads:
+                raise ValueError(
+                    f"`{name}`={value} is not divisible by num_heads={num_heads}."
+                )
+        num_layers = len(block_types)
+
+        # === Layers ===
+        self.segment_positions = SegmentPositions(
+            vocabulary_size, name="segment_positions"
+        )
+        self.token_embedding = ReversibleEmbedding(
+            input_dim=vocabulary_size,
+            output_dim=hidden_dim,
+            tie_weights=True,
+            logit_soft_cap=logits_soft_cap or None,
+            embeddings_initializer=keras.initializers.RandomNormal(
+                stddev=1.0 / math.sqrt(hidden_dim)
+            ),
+            dtype=dtype,
+            name="token_embedding",
+        )
+        self.residual_blocks = [
+            ResidualBlock(
+                block_type,
+                hidden_dim=hidden_dim,
+                intermediate_dim=intermediate_dim,
+                num_heads=num_heads,
+                lru_width=lru_width,
+                attention_window_size=attention_window_size,
+                conv1d_temporal_width=conv1d_temporal_width,
+                layer_norm_epsilon=layer_norm_epsilon,
+                rope_max_wavelength=rope_max_wavelength,
+                final_w_init_variance_scale=2.0 / num_layers,
+                scan_implementation=scan_implementation,
+                dtype=dtype,
+                name=f"residual_block_{i}",
+            )
+            for i, block_type in enumerate(block_types)
+        ]
+        self.final_norm = RMSNormalization(
+            layer_norm_epsilon, dtype=dtype, name="final_norm"
+        )
+
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        segment_pos_input = keras.Input(
+            shape=(None,), dtype="int32", name="segment_pos", optional=True
+        )
+        # The checked ids feed the embedding so the check runs before it.
+        checked_ids, segment_pos = self.segment_positions(
+            token_ids, padding_mask, segment_pos_input
+        )
+        x = self.token_embedding(checked_ids)
+        if embeddings_scale_by_sqrt_dim:
+            x = x * ops.cast(embedding_normalizer(hidden_dim), x.dtype)
+        for block in self.residual_blocks:
+            x = block(x, segment_pos)
+        x = self.final_norm(x)
+        super().__init__(
+            inputs={
+                "token_ids": token_ids,
+                "padding_mask": padding_mask,
+                "segment_pos": segment_pos_input,
+            },
+            outputs=x,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_heads = num_heads
+        self.head_dim = hidden_dim // num_heads
+        self.block_types = block_types
+        self.num_layers = num_layers
+        self.lru_width = lru_width
+        self.attention_window_size = attention_window_size
+        self.conv1d_temporal_width = conv1d_temporal_width
+        self.logits_soft_cap = logits_soft_cap
+        self.embeddings_scale_by_sqrt_dim = embeddings_scale_by_sqrt_dim
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rope_max_wavelength = rope_max_wavelength
+        self.scan_implementation = scan_implementation
+
+    # `segment_pos` is optional: callers may leave the key out. `__call__`
+    # checks the input spec eagerly; `call` is what stateless (jit) paths use.
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(_with_segment_pos(inputs), *args, **kwargs)
+
+    def call(self, inputs, *args, **kwargs):
+        return super().call(_with_segment_pos(inputs), *args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "vocabulary_size": self.vocabulary_size,
+                "hidden_dim": self.hidden_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "num_heads": self.num_heads,
+                "block_types": list(self.block_types),
+                "lru_width": self.lru_width,
+                "attention_window_size": self.attention_window_size,
+                "conv1d_temporal_width": self.conv1d_temporal_width,
+                "logits_soft_cap": self.logits_soft_cap,
+                "embeddings_scale_by_sqrt_dim": self.embeddings_scale_by_sqrt_dim,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "scan_implementation": self.scan_implementation,
+            }
+        )
+        return config

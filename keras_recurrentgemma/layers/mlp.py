@@ -1,0 +1,64 @@
+"""Gated MLP (GeGLU with tanh-approximate GELU)."""
+
+import keras
+from keras import ops
+
+from keras_recurrentgemma.layers.dense import fan_in_dense
+
+
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class MLPBlock(keras.layers.Layer):
+    """Gated feed-forward block.
+
+        y = (gelu_tanh(x W_gate + b_gate) ⊙ (x W_up + b_up)) W_down + b_down
+
+    Shapes: `W_gate`, `W_up` `[d, f]`; `W_down` `[f, d]`. The official
+    checkpoint stores `W_gate` and `W_up` stacked as `ffw_up.w[0]` and
+    `ffw_up.w[1]`.
+
+    Args:
+        hidden_dim: int. Model width `d`.
+        intermediate_dim: int. Expanded width `f`.
+        final_w_init_variance_scale: float. Init scale of `ffw_down`.
+
+    Call arguments:
+        x: float tensor `[b, t, d]`.
+
+    Returns:
+        Tensor `[b, t, d]`.
+    """
+
+    def __init__(
+        self, hidden_dim, intermediate_dim, final_w_init_variance_scale=1.0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.final_w_init_variance_scale = final_w_init_variance_scale
+        policy = self.dtype_policy
+        self.ffw_gate = fan_in_dense(intermediate_dim, "ffw_gate", policy)
+        self.ffw_up = fan_in_dense(intermediate_dim, "ffw_up", policy)
+        self.ffw_down = fan_in_dense(
+            hidden_dim, "ffw_down", policy, scale=final_w_init_variance_scale
+        )
+
+    def build(self, input_shape):
+        self.ffw_gate.build(input_shape)
+        self.ffw_up.build(input_shape)
+        self.ffw_down.build(input_shape[:-1] + (self.intermediate_dim,))
+        self.built = True
+
+    def call(self, x):
+        h = ops.gelu(self.ffw_gate(x), approximate=True) * self.ffw_up(x)
+        return self.ffw_down(h)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "final_w_init_variance_scale": self.final_w_init_variance_scale,
+        }

@@ -1,0 +1,143 @@
+"""Pre-norm residual block: temporal mixing, then the MLP."""
+
+import keras
+
+from keras_recurrentgemma.layers.local_attention import LocalAttentionBlock
+from keras_recurrentgemma.layers.mlp import MLPBlock
+from keras_recurrentgemma.layers.recurrent_block import RecurrentBlock
+from keras_recurrentgemma.layers.rms_normalization import RMSNormalization
+
+BLOCK_TYPES = ("recurrent", "attention")
+
+
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class ResidualBlock(keras.layers.Layer):
+    """One Griffin layer.
+
+        r = temporal_block(RMSNorm(x)) + x
+        y = mlp_block(RMSNorm(r)) + r
+
+    `temporal_block` is a `RecurrentBlock` (`block_type="recurrent"`) or a
+    `LocalAttentionBlock` (`block_type="attention"`).
+
+    Args:
+        block_type: str. `"recurrent"` or `"attention"`.
+        hidden_dim: int. Model width `d`.
+        intermediate_dim: int. MLP expanded width.
+        num_heads: int. Attention heads, and RG-LRU gate blocks.
+        lru_width: int. RG-LRU width.
+        attention_window_size: int. Keys seen before each query.
+        conv1d_temporal_width: int. Conv1D kernel length.
+        layer_norm_epsilon: float. RMSNorm epsilon.
+        rope_max_wavelength: int. RoPE longest wavelength.
+        final_w_init_variance_scale: float. Init scale of output projections.
+        scan_implementation: str. See `rg_lru_scan`.
+
+    Call arguments:
+        x: float tensor `[b, t, d]`.
+        segment_pos: int tensor `[b, t]`.
+
+    Returns:
+        Tensor `[b, t, d]`.
+    """
+
+    def __init__(
+        self,
+        block_type,
+        hidden_dim,
+        intermediate_dim,
+        num_heads,
+        lru_width,
+        attention_window_size,
+        conv1d_temporal_width=4,
+        layer_norm_epsilon=1e-6,
+        rope_max_wavelength=10_000,
+        final_w_init_variance_scale=1.0,
+        scan_implementation="auto",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(
+                f"Unknown block_type {block_type!r}; expected one of {BLOCK_TYPES}."
+            )
+        self.block_type = block_type
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_heads = num_heads
+        self.lru_width = lru_width
+        self.attention_window_size = attention_window_size
+        self.conv1d_temporal_width = conv1d_temporal_width
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rope_max_wavelength = rope_max_wavelength
+        self.final_w_init_variance_scale = final_w_init_variance_scale
+        self.scan_implementation = scan_implementation
+
+        policy = self.dtype_policy
+        self.temporal_pre_norm = RMSNormalization(
+            layer_norm_epsilon, dtype=policy, name="temporal_pre_norm"
+        )
+        if block_type == "recurrent":
+            self.temporal_block = RecurrentBlock(
+                hidden_dim,
+                lru_width,
+                num_heads,
+                conv1d_temporal_width=conv1d_temporal_width,
+                final_w_init_variance_scale=final_w_init_variance_scale,
+                scan_implementation=scan_implementation,
+                dtype=policy,
+                name="recurrent_block",
+            )
+        else:
+            self.temporal_block = LocalAttentionBlock(
+                hidden_dim,
+                num_heads,
+                attention_window_size,
+                rope_max_wavelength=rope_max_wavelength,
+                final_w_init_variance_scale=final_w_init_variance_scale,
+                dtype=policy,
+                name="attention_block",
+            )
+        self.channel_pre_norm = RMSNormalization(
+            layer_norm_epsilon, dtype=policy, name="channel_pre_norm"
+        )
+        self.mlp_block = MLPBlock(
+            hidden_dim,
+            intermediate_dim,
+            final_w_init_variance_scale=final_w_init_variance_scale,
+            dtype=policy,
+            name="mlp_block",
+        )
+
+    def build(self, input_shape):
+        for layer in (
+            self.temporal_pre_norm,
+            self.temporal_block,
+            self.channel_pre_norm,
+            self.mlp_block,
+        ):
+            layer.build(input_shape)
+        self.built = True
+
+    def call(self, x, segment_pos):
+        r = self.temporal_block(self.temporal_pre_norm(x), segment_pos) + x
+        return self.mlp_block(self.channel_pre_norm(r)) + r
+
+    def compute_output_shape(self, x_shape, segment_pos_shape):
+        return x_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "block_type": self.block_type,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "num_heads": self.num_heads,
+            "lru_width": self.lru_width,
+            "attention_window_size": self.attention_window_size,
+            "conv1d_temporal_width": self.conv1d_temporal_width,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "rope_max_wavelength": self.rope_max_wavelength,
+            "final_w_init_variance_scale": self.final_w_init_variance_scale,
+            "scan_implementation": self.scan_implementation,
+        }

@@ -1,0 +1,133 @@
+"""Real-Gated Linear Recurrent Unit (RG-LRU), the recurrence of Griffin."""
+
+
+import keras
+from keras import ops
+
+from keras_recurrentgemma.layers.block_diagonal_linear import BlockDiagonalLinear
+from keras_recurrentgemma.ops import rg_lru_scan
+
+# Fixed constant `c` of the paper: log a_t = -c · r_t · softplus(Λ).
+_C = 8.0
+# sqrt'(x) is capped at this value, as in the official model.
+_MAX_SQRT_GRADIENT = 1000.0
+
+
+def sqrt_bound_derivative(x, max_gradient=_MAX_SQRT_GRADIENT):
+    """`sqrt(x)` whose gradient is `1 / (2 sqrt(max(x, 1 / (4 m²))))`.
+
+    The forward value is exactly `sqrt(x)`. Written with `stop_gradient`
+    rather than a custom-gradient op so it behaves the same on every backend:
+    `x - stop_gradient(x)` is zero forward and carries a unit gradient.
+    """
+    floor = 1.0 / (4.0 * max_gradient**2)
+    value = ops.stop_gradient(ops.sqrt(x))
+    slope = ops.stop_gradient(0.5 * ops.rsqrt(ops.maximum(x, floor)))
+    return value + (x - ops.stop_gradient(x)) * slope
+
+
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class RingInitializer(keras.initializers.Initializer):
+    """Draws `a_param` so that `a = exp(-softplus(a_param))` lies on a ring.
+
+    `a²` is uniform in `[min_rad², max_rad²]`, then the softplus is inverted.
+    """
+
+    def __init__(self, min_rad=0.9, max_rad=0.999, seed=None):
+        self.min_rad = min_rad
+        self.max_rad = max_rad
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        u = keras.random.uniform(shape, seed=self.seed, dtype="float32")
+        log_a = 0.5 * ops.log(
+            u * (self.max_rad**2 - self.min_rad**2) + self.min_rad**2 + 1e-8
+        )
+        return ops.cast(ops.log(ops.expm1(-log_a)), dtype or "float32")
+
+    def get_config(self):
+        return {"min_rad": self.min_rad, "max_rad": self.max_rad, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class RGLRU(keras.layers.Layer):
+    """Real-Gated Linear Recurrent Unit.
+
+        i_t = σ(W_x x_t + b_x)                  input gate   (`input_gate`)
+        r_t = σ(W_a x_t + b_a)                  a gate       (`a_gate`)
+        log a_t = -8 · r_t · softplus(Λ)        Λ = `a_param`
+        h_t = a_t ⊙ h_{t-1} + sqrt(1 − a_t²) ⊙ (i_t ⊙ x_t)
+
+    Both gates are block-diagonal with `num_heads` blocks. Where a document
+    starts (`segment_pos == 0`) the state is reset: `a_t` is set to 0 and the
+    `sqrt(1 − a_t²)` factor to 1. The gates, `a_t`, the normalisation and the
+    recurrence are computed in float32 whatever the compute dtype; `sqrt`
+    has its gradient capped at 1000 as in the official model.
+
+    Args:
+        num_heads: int. Number of diagonal blocks in each gate.
+        scan_implementation: str. Passed to `rg_lru_scan`; `"auto"` picks the
+            fastest path for the backend and device.
+
+    Call arguments:
+        x: float tensor `[b, t, l]`.
+        segment_pos: int tensor `[b, t]`, position of each token in its
+            document; 0 starts a document, -1 marks padding.
+        h0: optional float tensor `[b, l]`, the state carried in.
+
+    Returns:
+        `(y, h_last)`: `y` `[b, t, l]` in the compute dtype, and `h_last`
+        float32 `[b, l]`.
+    """
+
+    def __init__(self, num_heads, scan_implementation="auto", **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.scan_implementation = scan_implementation
+        self.input_gate = BlockDiagonalLinear(
+            num_heads, dtype=self.dtype_policy, name="input_gate"
+        )
+        self.a_gate = BlockDiagonalLinear(
+            num_heads, dtype=self.dtype_policy, name="a_gate"
+        )
+
+    def build(self, input_shape):
+        self.a_param = self.add_weight(
+            name="a_param",
+            shape=(input_shape[-1],),
+            initializer=RingInitializer(),
+        )
+        self.input_gate.build(input_shape)
+        self.a_gate.build(input_shape)
+        self.built = True
+
+    def call(self, x, segment_pos, h0=None):
+        gate_x = ops.sigmoid(ops.cast(self.input_gate(x), "float32"))
+        gate_a = ops.sigmoid(ops.cast(self.a_gate(x), "float32"))
+        log_a = -_C * gate_a * ops.softplus(ops.cast(self.a_param, "float32"))
+        a = ops.exp(log_a)
+        a_square = ops.exp(2.0 * log_a)
+
+        reset = ops.expand_dims(ops.equal(segment_pos, 0), -1)
+        multiplier = ops.where(reset, 1.0, sqrt_bound_derivative(1.0 - a_square))
+        normalized_x = ops.cast(x, "float32") * gate_x * multiplier
+        a = ops.where(reset, 0.0, a)
+
+        y, h_last = rg_lru_scan(
+            a, normalized_x, h0, implementation=self.scan_implementation
+        )
+        return ops.cast(y, self.compute_dtype), h_last
+
+    def compute_output_spec(self, x, segment_pos, h0=None):
+        y = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+        h_last = keras.KerasTensor((x.shape[0], x.shape[-1]), dtype="float32")
+        return y, h_last
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "scan_implementation": self.scan_implementation,
+        }
+
+

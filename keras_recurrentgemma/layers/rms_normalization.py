@@ -1,0 +1,47 @@
+"""RMS normalisation in the `(1 + scale)` form."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class RMSNormalization(keras.layers.Layer):
+    """Root-mean-square normalisation with a zero-initialised scale.
+
+        y = x / sqrt(mean(x², -1) + ε) ⊙ (1 + scale)
+
+    The statistics are computed in float32 whatever the compute dtype, and
+    the result is cast back, so bfloat16 and float16 stay accurate.
+
+    Args:
+        epsilon: float. Added to the mean square. Defaults to `1e-6`.
+
+    Call arguments:
+        x: float tensor `[..., d]`.
+
+    Returns:
+        Tensor of the same shape and compute dtype as `x`.
+    """
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale", shape=(input_shape[-1],), initializer="zeros"
+        )
+        self.built = True
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        mean_square = ops.mean(ops.square(x32), axis=-1, keepdims=True)
+        y = x32 * ops.rsqrt(mean_square + self.epsilon)
+        y = y * (1.0 + ops.cast(self.scale, "float32"))
+        return ops.cast(y, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}

@@ -1,0 +1,74 @@
+"""The RG-LRU linear recurrence and the one dispatcher every caller goes through.
+
+Shape legend used in this package: `b` batch, `t` sequence, `l` lru_width.
+
+    h_t = a_t ⊙ h_{t-1} + x_t,   h_{-1} = h0 (zeros when absent)
+
+`rg_lru_scan` is the single entry point. It picks an implementation at run time
+from the backend and device; the `keras.ops` reference below is the truth that
+every fast path is tested against. Layers call `rg_lru_scan` and never branch on
+the backend themselves.
+"""
+
+import keras
+from keras import ops
+
+IMPLEMENTATIONS = ("auto", "reference")
+
+
+def _combine(left, right):
+    # Composition of two affine maps h -> a*h + x, applied left first.
+    a_l, x_l = left
+    a_r, x_r = right
+    return a_l * a_r, a_r * x_l + x_r
+
+
+def rg_lru_scan_reference(a, x, h0=None):
+    """Reference recurrence in `keras.ops`, accumulated in float32.
+
+    Args:
+        a: float tensor `[b, t, l]`, the per-step decay (already zeroed where a
+            document starts).
+        x: float tensor `[b, t, l]`, the per-step input.
+        h0: optional float tensor `[b, l]`, the state before the first step.
+
+    Returns:
+        `(y, h_last)`: `y` float32 `[b, t, l]` holding every state, and
+        `h_last` float32 `[b, l]`, the state after the last step.
+    """
+    a = ops.cast(a, "float32")
+    x = ops.cast(x, "float32")
+    if h0 is not None:
+        # Folding h0 into the first input equals prepending (a=1, x=h0).
+        first = x[:, :1] + a[:, :1] * ops.expand_dims(ops.cast(h0, "float32"), 1)
+        x = ops.concatenate([first, x[:, 1:]], axis=1)
+    if x.shape[1] == 1:
+        y = x
+    else:
+        _, y = ops.associative_scan(_combine, (a, x), axis=1)
+        # TensorFlow loses the static rank inside tf.function without this.
+        y = ops.reshape(y, ops.shape(x))
+    return y, y[:, -1]
+
+
+def rg_lru_scan(a, x, h0=None, implementation="auto"):
+    """Runs the RG-LRU recurrence with the best implementation available.
+
+    Args:
+        a: float tensor `[b, t, l]`.
+        x: float tensor `[b, t, l]`.
+        h0: optional float tensor `[b, l]`.
+        implementation: `"auto"` picks the fastest path for the current
+            backend and device; `"reference"` forces the `keras.ops` version.
+
+    Returns:
+        `(y, h_last)`, both float32, as in `rg_lru_scan_reference`.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown scan implementation {implementation!r} for backend "
+            f"{keras.config.backend()!r}; expected one of {IMPLEMENTATIONS}."
+        )
+    # Fast paths register here as they land; until then every backend and
+    # device uses the reference.
+    return rg_lru_scan_reference(a, x, h0)
