@@ -1,0 +1,96 @@
+"""The RG-LRU scan reference and its dispatcher."""
+
+import numpy as np
+import pytest
+from keras import ops
+from keras.backend import standardize_dtype
+
+from keras_recurrentgemma.ops import rg_lru_scan
+from keras_recurrentgemma.ops import rg_lru_scan_reference
+from tests.backend_grad import value_and_grad
+from tests.tolerances import SELF_CONSISTENCY
+
+TOL = SELF_CONSISTENCY["float32"]
+
+
+def numpy_scan(a, x, h0):
+    h = np.zeros(a[:, 0].shape, np.float64) if h0 is None else h0.astype(np.float64)
+    ys = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + x[:, t]
+        ys.append(h)
+    return np.stack(ys, 1), h
+
+
+def random_inputs(b, t, l, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(0.5, 1.0, (b, t, l)).astype("float32")
+    a[:, rng.integers(0, t, size=max(1, t // 4))] = 0.0  # resets
+    x = rng.normal(size=(b, t, l)).astype("float32")
+    h0 = rng.normal(size=(b, l)).astype("float32")
+    return a, x, h0
+
+
+@pytest.mark.parametrize("t", [1, 2, 7, 33])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_reference_matches_sequential_loop(t, with_h0):
+    a, x, h0 = random_inputs(3, t, 5, seed=t)
+    h0 = h0 if with_h0 else None
+    y, h_last = rg_lru_scan_reference(a, x, h0)
+    y_ref, h_ref = numpy_scan(a, x, h0)
+    assert ops.convert_to_numpy(y).dtype == np.float32
+    np.testing.assert_allclose(ops.convert_to_numpy(y), y_ref, **TOL)
+    np.testing.assert_allclose(ops.convert_to_numpy(h_last), h_ref, **TOL)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    a, x, h0 = random_inputs(2, 40, 8)
+    a_bf = ops.cast(a, "bfloat16")
+    x_bf = ops.cast(x, "bfloat16")
+    y, h_last = rg_lru_scan(a_bf, x_bf, h0)
+    assert standardize_dtype(y.dtype) == "float32"
+    assert standardize_dtype(h_last.dtype) == "float32"
+    # The exact answer for the bf16-rounded inputs, from float64.
+    a_r = ops.convert_to_numpy(ops.cast(a_bf, "float32"))
+    x_r = ops.convert_to_numpy(ops.cast(x_bf, "float32"))
+    y_ref, _ = numpy_scan(a_r, x_r, h0)
+    np.testing.assert_allclose(ops.convert_to_numpy(y), y_ref, **TOL)
+
+
+def test_gradients_match_reverse_scan():
+    a, x, h0 = random_inputs(2, 9, 4, seed=3)
+    w = np.random.default_rng(4).normal(size=x.shape).astype("float32")
+
+    def loss(a, x, h0):
+        y, h_last = rg_lru_scan(a, x, h0)
+        return ops.sum(y * ops.convert_to_tensor(w)) + ops.sum(h_last)
+
+    _, (da, dx, dh0) = value_and_grad(loss, a, x, h0)
+
+    # dL/dh_t = g_t = w_t + [t = T-1] + a_{t+1} g_{t+1}
+    y, _ = numpy_scan(a, x, h0)
+    g = np.zeros_like(y)
+    carry = np.zeros_like(y[:, 0])
+    for t in reversed(range(a.shape[1])):
+        nxt = a[:, t + 1] if t + 1 < a.shape[1] else 0.0
+        carry = w[:, t] + (t == a.shape[1] - 1) + nxt * carry
+        g[:, t] = carry
+    h_prev = np.concatenate([h0[:, None], y[:, :-1]], axis=1)
+    np.testing.assert_allclose(dx, g, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(da, g * h_prev, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dh0, a[:, 0] * g[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_rejects_unknown_implementation():
+    a, x, _ = random_inputs(1, 3, 2)
+    with pytest.raises(ValueError, match="Unknown scan implementation 'cuda'"):
+        rg_lru_scan(a, x, implementation="cuda")
+
+
+def test_forced_reference_equals_auto_on_cpu():
+    a, x, h0 = random_inputs(2, 12, 6)
+    y_auto, _ = rg_lru_scan(a, x, h0)
+    y_ref, _ = rg_lru_scan(a, x, h0, implementation="reference")
+    np.testing.assert_array_equal(ops.convert_to_numpy(y_auto), ops.convert_to_numpy(y_ref))
+
+
