@@ -1,6 +1,7 @@
 """RecurrentGemma (Griffin) backbone."""
 
 import math
+import os
 
 import keras
 import ml_dtypes
@@ -210,6 +211,42 @@ class RecurrentGemmaBackbone(Backbone):
 
     def call(self, inputs, *args, **kwargs):
         return super().call(_with_segment_pos(inputs), *args, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Loads a KerasHub preset or a Hugging Face checkpoint directory.
+
+        A local directory whose `config.json` has
+        `model_type == "recurrent_gemma"` is read as a `transformers`
+        checkpoint (see `convert.huggingface.backbone_from_huggingface`;
+        weights default to float32). Anything else goes to KerasHub's
+        `Backbone.from_preset`.
+
+        Args:
+            preset: str. A KerasHub preset name or handle, or a directory.
+            load_weights: bool. If `False`, the weights are randomly
+                initialised.
+            **kwargs: backbone arguments such as `dtype`.
+
+        Returns:
+            A `RecurrentGemmaBackbone`.
+
+        Raises:
+            ValueError: if a Hugging Face checkpoint is invalid; see
+                `backbone_from_huggingface`.
+        """
+        # Imported here: the converter imports this module.
+        from keras_recurrentgemma.convert import huggingface
+
+        if not (
+            os.path.isdir(preset) and huggingface.is_huggingface_checkpoint(preset)
+        ):
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        if load_weights:
+            return huggingface.backbone_from_huggingface(preset, **kwargs)
+        config = huggingface.config_from_huggingface(huggingface.read_config(preset))
+        kwargs.setdefault("dtype", "float32")
+        return cls(**config, **kwargs)
 
     def get_config(self):
         config = super().get_config()
