@@ -69,7 +69,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return f"keras backend: {keras.config.backend()} (KERAS_BACKEND={os.environ.get('KERAS_BACKEND')})"
+    requested = os.environ.get("KERAS_BACKEND")
+    return f"keras backend: {keras.config.backend()} (KERAS_BACKEND={requested})"
 
 
 @pytest.fixture(autouse=True)

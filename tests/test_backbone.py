@@ -52,7 +52,9 @@ def test_config_round_trip_gives_same_outputs():
     clone.set_weights(backbone.get_weights())
     assert clone.get_config() == backbone.get_config()
     inputs = make_inputs(config)
-    np.testing.assert_allclose(logits_of(clone, inputs), logits_of(backbone, inputs), **TOL)
+    np.testing.assert_allclose(
+        logits_of(clone, inputs), logits_of(backbone, inputs), **TOL
+    )
 
 
 def test_keras_file_round_trip(tmp_path):
@@ -63,7 +65,9 @@ def test_keras_file_round_trip(tmp_path):
     restored = keras.saving.load_model(path)
     assert isinstance(restored, RecurrentGemmaBackbone)
     inputs = make_inputs(config)
-    np.testing.assert_array_equal(logits_of(restored, inputs), logits_of(backbone, inputs))
+    np.testing.assert_array_equal(
+        logits_of(restored, inputs), logits_of(backbone, inputs)
+    )
 
 
 def test_segment_pos_key_may_be_omitted_in_predict():
@@ -124,7 +128,9 @@ def test_packed_row_matches_documents_run_separately():
     )
     for lo, hi in ((0, split), (split, 17)):
         doc = ids[:, lo:hi]
-        alone = logits_of(backbone, {"token_ids": doc, "padding_mask": np.ones_like(doc)})
+        alone = logits_of(
+            backbone, {"token_ids": doc, "padding_mask": np.ones_like(doc)}
+        )
         np.testing.assert_allclose(packed[:, lo:hi], alone, **TOL)
 
 

@@ -1,5 +1,6 @@
 """The RG-LRU scan reference and its dispatcher."""
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -91,6 +92,26 @@ def test_forced_reference_equals_auto_on_cpu():
     a, x, h0 = random_inputs(2, 12, 6)
     y_auto, _ = rg_lru_scan(a, x, h0)
     y_ref, _ = rg_lru_scan(a, x, h0, implementation="reference")
-    np.testing.assert_array_equal(ops.convert_to_numpy(y_auto), ops.convert_to_numpy(y_ref))
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(y_auto), ops.convert_to_numpy(y_ref)
+    )
 
 
+@pytest.mark.skipif(
+    keras.config.backend() != "tensorflow",
+    reason="only TensorFlow traces with an unknown sequence length",
+)
+def test_reference_with_unknown_sequence_length():
+    import tensorflow as tf
+
+    a, x, h0 = random_inputs(2, 11, 3)
+    spec = tf.TensorSpec((2, None, 3), "float32")
+
+    @tf.function(input_signature=[spec, spec, tf.TensorSpec((2, 3), "float32")])
+    def traced(a, x, h0):
+        return rg_lru_scan(a, x, h0)
+
+    y, h_last = traced(a, x, h0)
+    y_ref, h_ref = numpy_scan(a, x, h0)
+    np.testing.assert_allclose(y.numpy(), y_ref, **TOL)
+    np.testing.assert_allclose(h_last.numpy(), h_ref, **TOL)

@@ -41,7 +41,9 @@ class TensorSource:
 
     def check_all_used(self, ignore=()):
         """Raises if the checkpoint holds tensors the converter did not read."""
-        unused = sorted(k for k in self.tensors if k not in self.used and k not in ignore)
+        unused = sorted(
+            k for k in self.tensors if k not in self.used and k not in ignore
+        )
         if unused:
             raise ValueError(
                 f"{self.source}: unexpected tensors {unused[:10]}"

@@ -59,9 +59,7 @@ class Conv1D(keras.layers.Layer):
         doc = document_ids(segment_pos)
         # Left padding: zeros for x, and a document id (-1) no token has.
         x_pad = ops.concatenate([ops.zeros((b, k - 1, l), x.dtype), x], axis=1)
-        doc_pad = ops.concatenate(
-            [ops.full((b, k - 1), -1, doc.dtype), doc], axis=1
-        )
+        doc_pad = ops.concatenate([ops.full((b, k - 1), -1, doc.dtype), doc], axis=1)
         y = ops.zeros_like(x) + self.b
         for s in range(k):
             stop = -s if s else None

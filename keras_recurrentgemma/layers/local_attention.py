@@ -1,6 +1,5 @@
 """Local (sliding-window) multi-query attention."""
 
-
 import keras
 from keras import ops
 
@@ -37,9 +36,7 @@ def apply_rope(x, positions, max_wavelength=10_000):
     sin = ops.cast(ops.sin(theta), x.dtype)
     cos = ops.cast(ops.cos(theta), x.dtype)
     x1, x2, x_pass = x[..., :half], x[..., half:rope_dim], x[..., rope_dim:]
-    return ops.concatenate(
-        [x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass], axis=-1
-    )
+    return ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x_pass], axis=-1)
 
 
 def local_attention_mask(segment_pos, window_size):
@@ -154,5 +151,3 @@ class LocalAttentionBlock(keras.layers.Layer):
             "rope_max_wavelength": self.rope_max_wavelength,
             "final_w_init_variance_scale": self.final_w_init_variance_scale,
         }
-
-

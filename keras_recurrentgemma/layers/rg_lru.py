@@ -1,6 +1,5 @@
 """Real-Gated Linear Recurrent Unit (RG-LRU), the recurrence of Griffin."""
 
-
 import keras
 from keras import ops
 
@@ -129,5 +128,3 @@ class RGLRU(keras.layers.Layer):
             "num_heads": self.num_heads,
             "scan_implementation": self.scan_implementation,
         }
-
-

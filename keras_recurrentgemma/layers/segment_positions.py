@@ -38,7 +38,7 @@ class SegmentPositions(keras.layers.Layer):
 
     def call(self, token_ids, padding_mask, segment_pos=None):
         check_same_shape(token_ids, padding_mask, "token_ids", "padding_mask")
-        check_in_range(
+        token_ids = check_in_range(
             token_ids,
             0,
             self.vocabulary_size,

@@ -46,11 +46,26 @@ def rg_lru_scan_reference(a, x, h0=None):
         x = ops.concatenate([first, x[:, 1:]], axis=1)
     if x.shape[1] == 1:
         y = x
+    elif x.shape[1] is None:
+        y = _sequential_scan(a, x)
     else:
         _, y = ops.associative_scan(_combine, (a, x), axis=1)
         # TensorFlow loses the static rank inside tf.function without this.
         y = ops.reshape(y, ops.shape(x))
     return y, y[:, -1]
+
+
+def _sequential_scan(a, x):
+    # `associative_scan` needs a static length; TensorFlow retraces `predict`
+    # and `fit` with an unknown one once a second sequence length arrives.
+    steps = ops.moveaxis(ops.stack([a, x], axis=0), 2, 0)  # [t, 2, b, l]
+
+    def step(h, a_x):
+        h = a_x[0] * h + a_x[1]
+        return h, h
+
+    _, y = ops.scan(step, ops.zeros_like(x[:, 0]), steps)
+    return ops.moveaxis(y, 0, 1)
 
 
 def rg_lru_scan(a, x, h0=None, implementation="auto"):

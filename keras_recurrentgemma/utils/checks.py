@@ -36,7 +36,9 @@ def _is_traced(x):
 def check_in_range(values, low, high, message):
     """Raises `ValueError(message.format(bad=...))` unless low <= values < high.
 
-    `message` is formatted with `bad`, the first offending value.
+    `message` is formatted with `bad`, the offending extreme value. Returns
+    `values`; use the returned tensor downstream, so that inside a graph
+    the check runs before anything that consumes the values.
     """
     lo = ops.min(values)
     hi = ops.max(values)
@@ -50,16 +52,25 @@ def check_in_range(values, low, high, message):
 
     if not _is_traced(values):
         raise_if_bad(ops.convert_to_numpy(lo), ops.convert_to_numpy(hi))
-    elif _backend() == "jax":
+        return values
+    if _backend() == "jax":
         import jax
 
         jax.debug.callback(raise_if_bad, lo, hi)
-    elif _backend() == "tensorflow":
+        return values
+    if _backend() == "tensorflow":
         import tensorflow as tf
 
         text = message.format(bad="(see values)")
-        tf.debugging.assert_greater_equal(lo, tf.cast(low, lo.dtype), message=text)
-        tf.debugging.assert_less(hi, tf.cast(high, hi.dtype), message=text)
+        checks = [
+            tf.debugging.assert_greater_equal(lo, tf.cast(low, lo.dtype), message=text),
+            tf.debugging.assert_less(hi, tf.cast(high, hi.dtype), message=text),
+        ]
+        # Graph ops run in dependency order, not program order: without this
+        # a gather on the bad ids could fail first with a less useful error.
+        with tf.control_dependencies(checks):
+            return tf.identity(values)
+    return values
 
 
 def check_same_shape(a, b, a_name, b_name):
