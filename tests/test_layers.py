@@ -346,14 +346,20 @@ def assert_same_outputs(original, copy, args):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(e))
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
-def test_get_config_round_trip(name):
+def built_layer(name):
+    """Layer `name` built on its inputs, with random weights, and the inputs."""
     factory, inputs = LAYERS[name]
     args = inputs()
     layer = factory(None)
     outputs(layer, args)
     if layer.weights:
         randomize_weights(layer, scale=0.3)
+    return layer, args
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_get_config_round_trip(name):
+    layer, args = built_layer(name)
     config = layer.get_config()
     copy = type(layer).from_config(config)
     assert copy.get_config() == config
@@ -362,12 +368,7 @@ def test_get_config_round_trip(name):
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_keras_serialization_round_trip(name):
-    factory, inputs = LAYERS[name]
-    args = inputs()
-    layer = factory(None)
-    outputs(layer, args)
-    if layer.weights:
-        randomize_weights(layer, scale=0.3)
+    layer, args = built_layer(name)
     serialized = keras.saving.serialize_keras_object(layer)
     copy = keras.saving.deserialize_keras_object(serialized)
     assert type(copy) is type(layer)
