@@ -122,6 +122,9 @@ class RecurrentGemmaBackbone(Backbone):
                     f"`{name}`={value} is not divisible by num_heads={num_heads}."
                 )
         num_layers = len(block_types)
+        # Set before the functional graph is built, which uses it.
+        self.embeddings_scale_by_sqrt_dim = embeddings_scale_by_sqrt_dim
+        self.hidden_dim = hidden_dim
 
         # === Layers ===
         self.segment_positions = SegmentPositions(
@@ -170,12 +173,7 @@ class RecurrentGemmaBackbone(Backbone):
         checked_ids, segment_pos = self.segment_positions(
             token_ids, padding_mask, segment_pos_input
         )
-        x = self.token_embedding(checked_ids)
-        if embeddings_scale_by_sqrt_dim:
-            x = x * ops.cast(embedding_normalizer(hidden_dim), x.dtype)
-        for block in self.residual_blocks:
-            x = block(x, segment_pos)
-        x = self.final_norm(x)
+        x, _ = self.forward_with_caches(checked_ids, segment_pos)
         super().__init__(
             inputs={
                 "token_ids": token_ids,
@@ -189,7 +187,6 @@ class RecurrentGemmaBackbone(Backbone):
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
-        self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
         self.num_heads = num_heads
         self.head_dim = hidden_dim // num_heads
@@ -199,10 +196,55 @@ class RecurrentGemmaBackbone(Backbone):
         self.attention_window_size = attention_window_size
         self.conv1d_temporal_width = conv1d_temporal_width
         self.logits_soft_cap = logits_soft_cap
-        self.embeddings_scale_by_sqrt_dim = embeddings_scale_by_sqrt_dim
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
         self.scan_implementation = scan_implementation
+
+    def forward_with_caches(
+        self, token_ids, segment_pos, caches=None, layer_intercept_fn=None
+    ):
+        """The one forward pass, shared by training and generation.
+
+        (Not named `forward`: on torch that is `nn.Module.__call__`'s hook.)
+
+        Token ids are not checked here (the `segment_positions` layer does
+        that for the functional model).
+
+        Args:
+            token_ids: int tensor `[b, t]`.
+            segment_pos: int tensor `[b, t]`; 0 starts a document, -1 marks
+                padding, which leaves every cache as it is.
+            caches: optional sequence of per-block caches that the tokens
+                continue (see `initial_caches`); empty caches if omitted.
+            layer_intercept_fn: optional `fn(x, i)` applied to the scaled
+                embeddings (`i = -1`) and each block's output (`i >= 0`).
+
+        Returns:
+            `(hidden, caches)`: the final-norm hidden states `[b, t, d]` and
+            a tuple of each block's cache after the row's last real token.
+        """
+        x = self.token_embedding(token_ids)
+        if self.embeddings_scale_by_sqrt_dim:
+            x = x * ops.cast(embedding_normalizer(self.hidden_dim), x.dtype)
+        if layer_intercept_fn is not None:
+            x = layer_intercept_fn(x, -1)
+        new_caches = []
+        for i, block in enumerate(self.residual_blocks):
+            x, cache = block(x, segment_pos, None if caches is None else caches[i])
+            if layer_intercept_fn is not None:
+                x = layer_intercept_fn(x, i)
+            new_caches.append(cache)
+        return self.final_norm(x), tuple(new_caches)
+
+    def initial_caches(self, batch_size):
+        """One empty cache per residual block, in block order.
+
+        A `RecurrentBlockCache` holds the float32 RG-LRU state `[b, l]` and
+        the Conv1D window `[b, k-1, l]`; an `AttentionBlockCache` holds a ring
+        buffer of `attention_window_size` keys, values and positions. Neither
+        depends on sequence length.
+        """
+        return tuple(block.initial_cache(batch_size) for block in self.residual_blocks)
 
     # `segment_pos` is optional: callers may leave the key out. `__call__`
     # checks the input spec eagerly; `call` is what stateless (jit) paths use.

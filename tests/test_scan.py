@@ -6,8 +6,8 @@ import pytest
 from keras import ops
 from keras.backend import standardize_dtype
 
+from keras_recurrentgemma.ops import resolve_implementation
 from keras_recurrentgemma.ops import rg_lru_scan
-from keras_recurrentgemma.ops import rg_lru_scan_reference
 from tests.backend_grad import value_and_grad
 from tests.tolerances import SELF_CONSISTENCY
 
@@ -32,12 +32,18 @@ def random_inputs(b, t, l, seed=0):
     return a, x, h0
 
 
+# Every implementation that runs on CPU; fast paths for other devices are
+# tested in their own files.
+CPU_IMPLEMENTATIONS = ["reference", "doubling"]
+
+
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("t", [1, 2, 7, 33])
 @pytest.mark.parametrize("with_h0", [False, True])
-def test_reference_matches_sequential_loop(t, with_h0):
+def test_scan_matches_sequential_loop(implementation, t, with_h0):
     a, x, h0 = random_inputs(3, t, 5, seed=t)
     h0 = h0 if with_h0 else None
-    y, h_last = rg_lru_scan_reference(a, x, h0)
+    y, h_last = rg_lru_scan(a, x, h0, implementation=implementation)
     y_ref, h_ref = numpy_scan(a, x, h0)
     assert ops.convert_to_numpy(y).dtype == np.float32
     np.testing.assert_allclose(ops.convert_to_numpy(y), y_ref, **TOL)
@@ -58,12 +64,13 @@ def test_bfloat16_inputs_accumulate_in_float32():
     np.testing.assert_allclose(ops.convert_to_numpy(y), y_ref, **TOL)
 
 
-def test_gradients_match_reverse_scan():
+@pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
+def test_gradients_match_reverse_scan(implementation):
     a, x, h0 = random_inputs(2, 9, 4, seed=3)
     w = np.random.default_rng(4).normal(size=x.shape).astype("float32")
 
     def loss(a, x, h0):
-        y, h_last = rg_lru_scan(a, x, h0)
+        y, h_last = rg_lru_scan(a, x, h0, implementation=implementation)
         return ops.sum(y * ops.convert_to_tensor(w)) + ops.sum(h_last)
 
     _, (da, dx, dh0) = value_and_grad(loss, a, x, h0)
@@ -88,13 +95,29 @@ def test_dispatch_rejects_unknown_implementation():
         rg_lru_scan(a, x, implementation="cuda")
 
 
-def test_forced_reference_equals_auto_on_cpu():
+def test_auto_picks_the_backend_path_on_cpu():
+    # TensorFlow's associative_scan does not compile under XLA; doubling does.
+    expected = "doubling" if keras.config.backend() == "tensorflow" else "reference"
+    assert resolve_implementation("auto") == expected
     a, x, h0 = random_inputs(2, 12, 6)
     y_auto, _ = rg_lru_scan(a, x, h0)
-    y_ref, _ = rg_lru_scan(a, x, h0, implementation="reference")
+    y_forced, _ = rg_lru_scan(a, x, h0, implementation=expected)
     np.testing.assert_array_equal(
-        ops.convert_to_numpy(y_auto), ops.convert_to_numpy(y_ref)
+        ops.convert_to_numpy(y_auto), ops.convert_to_numpy(y_forced)
     )
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "tensorflow", reason="XLA through tf.function"
+)
+def test_auto_compiles_with_xla_on_tensorflow():
+    import tensorflow as tf
+
+    a, x, h0 = random_inputs(2, 13, 3)
+    y, h_last = tf.function(rg_lru_scan, jit_compile=True)(a, x, h0)
+    y_ref, h_ref = numpy_scan(a, x, h0)
+    np.testing.assert_allclose(y.numpy(), y_ref, **TOL)
+    np.testing.assert_allclose(h_last.numpy(), h_ref, **TOL)
 
 
 @pytest.mark.skipif(

@@ -1,9 +1,12 @@
 """Local (sliding-window) multi-query attention."""
 
+from typing import NamedTuple
+
 import keras
 from keras import ops
 
 from keras_recurrentgemma.layers.conv1d import document_ids
+from keras_recurrentgemma.layers.conv1d import last_real_index
 from keras_recurrentgemma.layers.dense import fan_in_dense
 
 # Masked logits take this value, as in the official model; it is finite so a
@@ -40,13 +43,14 @@ def apply_rope(x, positions, max_wavelength=10_000):
 
 
 def local_attention_mask(segment_pos, window_size):
-    """Which keys each query may see during a full-sequence pass.
+    """Which keys of a chunk each of its queries may see.
 
     Query `q` sees key `s` when `s <= q <= s + window_size` (itself and the
-    `window_size` tokens before it) and both are in the same document.
+    `window_size` tokens before it), both are in the same document, and `s`
+    is not padding.
 
     Args:
-        segment_pos: int tensor `[b, t]`.
+        segment_pos: int tensor `[b, t]`; -1 marks padding.
         window_size: int.
 
     Returns:
@@ -58,7 +62,49 @@ def local_attention_mask(segment_pos, window_size):
     in_window = ops.logical_and(q_idx >= k_idx, q_idx <= k_idx + window_size)
     doc = document_ids(segment_pos)
     same_doc = ops.equal(doc[:, :, None], doc[:, None, :])
-    return ops.logical_and(same_doc, in_window[None])
+    key_is_real = (segment_pos >= 0)[:, None, :]
+    return ops.logical_and(ops.logical_and(same_doc, key_is_real), in_window[None])
+
+
+def cached_keys_mask(segment_pos, cache_positions, window_size):
+    """Which cached keys each query of a chunk may see.
+
+    Cached keys belong to the document the cache was left in, which only the
+    chunk's tokens before its first reset (document id 0) continue. Query
+    position `q` sees a cached key at position `p >= 0` when
+    `q - p <= window_size`.
+
+    Args:
+        segment_pos: int tensor `[b, t]`, positions of the chunk's tokens.
+        cache_positions: int tensor `[b, w]`; -1 marks an empty slot.
+        window_size: int.
+
+    Returns:
+        bool tensor `[b, t, w]`.
+    """
+    continues = ops.logical_and(
+        ops.equal(document_ids(segment_pos), 0), segment_pos >= 0
+    )
+    p = cache_positions[:, None, :]
+    in_window = ops.logical_and(p >= 0, segment_pos[:, :, None] - p <= window_size)
+    return ops.logical_and(continues[:, :, None], in_window)
+
+
+class AttentionBlockCache(NamedTuple):
+    """A ring buffer of the last `attention_window_size` keys and values.
+
+    The token at position `p` lives in slot `p % attention_window_size`, so
+    the buffer's size never depends on how many tokens went through it.
+
+    Attributes:
+        keys: `[b, w, k]`, keys after RoPE, in the compute dtype.
+        values: `[b, w, k]`.
+        positions: int32 `[b, w]`, each slot's token position; -1 if empty.
+    """
+
+    keys: object
+    values: object
+    positions: object
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
@@ -83,10 +129,13 @@ class LocalAttentionBlock(keras.layers.Layer):
 
     Call arguments:
         x: float tensor `[b, t, d]`.
-        segment_pos: int tensor `[b, t]`.
+        segment_pos: int tensor `[b, t]`; -1 marks padding.
+        cache: optional `AttentionBlockCache` that `x` continues; an empty
+            one if omitted.
 
     Returns:
-        Tensor `[b, t, d]`.
+        `(y, cache)`: `y` `[b, t, d]` and the `AttentionBlockCache` after each
+        row's last real token.
     """
 
     def __init__(
@@ -124,7 +173,16 @@ class LocalAttentionBlock(keras.layers.Layer):
         self.proj_final.build(input_shape[:-1] + (self.hidden_dim,))
         self.built = True
 
-    def call(self, x, segment_pos):
+    def initial_cache(self, batch_size):
+        """The empty `AttentionBlockCache`: every slot at position -1."""
+        w, k = self.attention_window_size, self.head_dim
+        return AttentionBlockCache(
+            keys=ops.zeros((batch_size, w, k), self.compute_dtype),
+            values=ops.zeros((batch_size, w, k), self.compute_dtype),
+            positions=ops.full((batch_size, w), -1, "int32"),
+        )
+
+    def call(self, x, segment_pos, cache=None):
         b, t = ops.shape(x)[0], ops.shape(x)[1]
         q = ops.reshape(self.proj_q(x), (b, t, self.num_heads, self.head_dim))
         k = ops.expand_dims(self.proj_k(x), 2)
@@ -132,15 +190,73 @@ class LocalAttentionBlock(keras.layers.Layer):
         q = apply_rope(q, segment_pos, self.rope_max_wavelength)
         k = apply_rope(k, segment_pos, self.rope_max_wavelength)[:, :, 0]
 
-        logits = ops.einsum("btnk,bsk->bnts", q, k) * (self.head_dim**-0.5)
+        keys, values = k, v
         mask = local_attention_mask(segment_pos, self.attention_window_size)
+        if cache is not None:
+            keys = ops.concatenate([ops.cast(cache.keys, k.dtype), k], axis=1)
+            values = ops.concatenate([ops.cast(cache.values, v.dtype), v], axis=1)
+            cached = cached_keys_mask(
+                segment_pos, cache.positions, self.attention_window_size
+            )
+            mask = ops.concatenate([cached, mask], axis=-1)
+
+        logits = ops.einsum("btnk,bsk->bnts", q, keys) * (self.head_dim**-0.5)
         logits = ops.where(mask[:, None], ops.cast(logits, "float32"), _MIN_LOGIT)
         probs = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
-        o = ops.einsum("bnts,bsk->btnk", probs, v)
-        return self.proj_final(ops.reshape(o, (b, t, self.hidden_dim)))
+        o = ops.einsum("bnts,bsk->btnk", probs, values)
+        y = self.proj_final(ops.reshape(o, (b, t, self.hidden_dim)))
+        return y, self._next_cache(cache, k, v, segment_pos)
 
-    def compute_output_shape(self, x_shape, segment_pos_shape):
-        return x_shape
+    def _next_cache(self, cache, k, v, segment_pos):
+        # Slot s must hold the newest position p ≡ s (mod w) with p <= the
+        # row's last position: from this chunk if the token is in it, else
+        # kept from the old cache, else (a document started in this chunk)
+        # emptied. Gathers, not scatters, so every backend agrees when a
+        # chunk is longer than the window.
+        w = self.attention_window_size
+        b, t, hd = ops.shape(k)[0], ops.shape(k)[1], ops.shape(k)[2]
+        last = last_real_index(segment_pos)
+        has_real = last >= 0
+        last = ops.maximum(last, 0)[:, None]
+        last_pos = ops.take_along_axis(segment_pos, last, axis=1)
+        slots = ops.arange(w, dtype="int32")[None, :]
+        p = last_pos - ops.mod(last_pos - slots, w)
+        col = last - (last_pos - p)
+        col_c = ops.clip(col, 0, t - 1)
+        from_chunk = ops.logical_and(
+            ops.logical_and(col >= 0, p >= 0),
+            ops.equal(ops.take_along_axis(segment_pos, col_c, axis=1), p),
+        )
+        from_chunk = ops.logical_and(from_chunk, has_real[:, None])
+        gather_idx = ops.broadcast_to(col_c[:, :, None], (b, w, hd))
+        new_k = ops.take_along_axis(k, gather_idx, axis=1)
+        new_v = ops.take_along_axis(v, gather_idx, axis=1)
+        if cache is None:
+            cache = self.initial_cache(b)
+        # The last token's document started in this chunk: older slots are
+        # another document's.
+        doc_last = ops.take_along_axis(document_ids(segment_pos), last, axis=1)
+        stale = ops.logical_and(doc_last > 0, has_real[:, None])
+        keep = ops.logical_not(from_chunk)[:, :, None]
+        return AttentionBlockCache(
+            keys=ops.where(keep, ops.cast(cache.keys, k.dtype), new_k),
+            values=ops.where(keep, ops.cast(cache.values, v.dtype), new_v),
+            positions=ops.where(
+                from_chunk,
+                p,
+                ops.where(stale, -1, ops.cast(cache.positions, "int32")),
+            ),
+        )
+
+    def compute_output_spec(self, x, segment_pos, cache=None):
+        b, w, k = x.shape[0], self.attention_window_size, self.head_dim
+        return keras.KerasTensor(
+            x.shape, dtype=self.compute_dtype
+        ), AttentionBlockCache(
+            keras.KerasTensor((b, w, k), dtype=self.compute_dtype),
+            keras.KerasTensor((b, w, k), dtype=self.compute_dtype),
+            keras.KerasTensor((b, w), dtype="int32"),
+        )
 
     def get_config(self):
         return {

@@ -1,11 +1,26 @@
 """Griffin's recurrent temporal-mixing block."""
 
+from typing import NamedTuple
+
 import keras
 from keras import ops
 
 from keras_recurrentgemma.layers.conv1d import Conv1D
 from keras_recurrentgemma.layers.dense import fan_in_dense
 from keras_recurrentgemma.layers.rg_lru import RGLRU
+
+
+class RecurrentBlockCache(NamedTuple):
+    """What a recurrent block remembers between calls; size fixed per batch.
+
+    Attributes:
+        rg_lru_state: float32 `[b, l]`, the RG-LRU state `h`.
+        conv1d_state: `[b, k-1, l]`, the Conv1D window (last `k - 1` inputs
+            of the current document, oldest first), in the compute dtype.
+    """
+
+    rg_lru_state: object
+    conv1d_state: object
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
@@ -28,10 +43,13 @@ class RecurrentBlock(keras.layers.Layer):
 
     Call arguments:
         x: float tensor `[b, t, d]`.
-        segment_pos: int tensor `[b, t]`.
+        segment_pos: int tensor `[b, t]`; -1 marks padding.
+        cache: optional `RecurrentBlockCache` that `x` continues; an empty
+            one (`initial_cache`) if omitted.
 
     Returns:
-        Tensor `[b, t, d]`.
+        `(out, cache)`: `out` `[b, t, d]` and the `RecurrentBlockCache` after
+        each row's last real token.
     """
 
     def __init__(
@@ -74,14 +92,30 @@ class RecurrentBlock(keras.layers.Layer):
         self.linear_out.build(lru_shape)
         self.built = True
 
-    def call(self, x, segment_pos):
-        y = ops.gelu(self.linear_y(x), approximate=True)
-        x = self.conv_1d(self.linear_x(x), segment_pos)
-        x, _ = self.rg_lru(x, segment_pos)
-        return self.linear_out(x * y)
+    def initial_cache(self, batch_size):
+        """The empty `RecurrentBlockCache`: zero state, empty window."""
+        return RecurrentBlockCache(
+            rg_lru_state=ops.zeros((batch_size, self.lru_width), "float32"),
+            conv1d_state=self.conv_1d.initial_state(batch_size, self.lru_width),
+        )
 
-    def compute_output_shape(self, x_shape, segment_pos_shape):
-        return x_shape
+    def call(self, x, segment_pos, cache=None):
+        h0 = conv_state = None
+        if cache is not None:
+            h0, conv_state = cache.rg_lru_state, cache.conv1d_state
+        y = ops.gelu(self.linear_y(x), approximate=True)
+        x, conv_state = self.conv_1d(self.linear_x(x), segment_pos, conv_state)
+        x, h_last = self.rg_lru(x, segment_pos, h0)
+        return self.linear_out(x * y), RecurrentBlockCache(h_last, conv_state)
+
+    def compute_output_spec(self, x, segment_pos, cache=None):
+        b, k = x.shape[0], self.conv1d_temporal_width
+        return keras.KerasTensor(
+            x.shape, dtype=self.compute_dtype
+        ), RecurrentBlockCache(
+            keras.KerasTensor((b, self.lru_width), dtype="float32"),
+            keras.KerasTensor((b, k - 1, self.lru_width), dtype=self.compute_dtype),
+        )
 
     def get_config(self):
         return {

@@ -35,10 +35,14 @@ class ResidualBlock(keras.layers.Layer):
 
     Call arguments:
         x: float tensor `[b, t, d]`.
-        segment_pos: int tensor `[b, t]`.
+        segment_pos: int tensor `[b, t]`; -1 marks padding.
+        cache: optional cache of the temporal block (`RecurrentBlockCache` or
+            `AttentionBlockCache`) that `x` continues.
 
     Returns:
-        Tensor `[b, t, d]`.
+        `(y, cache)`: `y` `[b, t, d]` and the temporal block's new cache. The
+        same code runs a training pass (no cache in, cache ignored) and a
+        generation step.
     """
 
     def __init__(
@@ -119,12 +123,17 @@ class ResidualBlock(keras.layers.Layer):
             layer.build(input_shape)
         self.built = True
 
-    def call(self, x, segment_pos):
-        r = self.temporal_block(self.temporal_pre_norm(x), segment_pos) + x
-        return self.mlp_block(self.channel_pre_norm(r)) + r
+    def initial_cache(self, batch_size):
+        """The temporal block's empty cache."""
+        return self.temporal_block.initial_cache(batch_size)
 
-    def compute_output_shape(self, x_shape, segment_pos_shape):
-        return x_shape
+    def call(self, x, segment_pos, cache=None):
+        h, cache = self.temporal_block(self.temporal_pre_norm(x), segment_pos, cache)
+        r = h + x
+        return self.mlp_block(self.channel_pre_norm(r)) + r, cache
+
+    def compute_output_spec(self, x, segment_pos, cache=None):
+        return self.temporal_block.compute_output_spec(x, segment_pos, cache)
 
     def get_config(self):
         return {

@@ -59,7 +59,9 @@ class RGLRU(keras.layers.Layer):
 
     Both gates are block-diagonal with `num_heads` blocks. Where a document
     starts (`segment_pos == 0`) the state is reset: `a_t` is set to 0 and the
-    `sqrt(1 − a_t²)` factor to 1. The gates, `a_t`, the normalisation and the
+    `sqrt(1 − a_t²)` factor to 1. Padding (`segment_pos == -1`) leaves the
+    state as it is (`a_t = 1`, input 0), so a right-padded row ends with the
+    state of its last real token. The gates, `a_t`, the normalisation and the
     recurrence are computed in float32 whatever the compute dtype; `sqrt`
     has its gradient capped at 1000 as in the official model.
 
@@ -108,9 +110,11 @@ class RGLRU(keras.layers.Layer):
         a_square = ops.exp(2.0 * log_a)
 
         reset = ops.expand_dims(ops.equal(segment_pos, 0), -1)
+        pad = ops.expand_dims(segment_pos < 0, -1)
         multiplier = ops.where(reset, 1.0, sqrt_bound_derivative(1.0 - a_square))
         normalized_x = ops.cast(x, "float32") * gate_x * multiplier
-        a = ops.where(reset, 0.0, a)
+        normalized_x = ops.where(pad, 0.0, normalized_x)
+        a = ops.where(reset, 0.0, ops.where(pad, 1.0, a))
 
         y, h_last = rg_lru_scan(
             a, normalized_x, h0, implementation=self.scan_implementation

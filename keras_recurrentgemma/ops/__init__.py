@@ -1,3 +1,5 @@
 from keras_recurrentgemma.ops.scan import IMPLEMENTATIONS
+from keras_recurrentgemma.ops.scan import resolve_implementation
 from keras_recurrentgemma.ops.scan import rg_lru_scan
+from keras_recurrentgemma.ops.scan import rg_lru_scan_doubling
 from keras_recurrentgemma.ops.scan import rg_lru_scan_reference

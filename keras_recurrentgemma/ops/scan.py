@@ -15,7 +15,7 @@ import functools
 import keras
 from keras import ops
 
-IMPLEMENTATIONS = ("auto", "reference")
+IMPLEMENTATIONS = ("auto", "reference", "doubling")
 
 
 def _combine(left, right):
@@ -68,6 +68,35 @@ def _sequential_scan(a, x):
     return ops.moveaxis(y, 0, 1)
 
 
+def rg_lru_scan_doubling(a, x, h0=None):
+    """The recurrence by recursive doubling, in `keras.ops` with static shapes.
+
+    Round `r` composes every step with the one `2^r` before it (Hillis and
+    Steele), so `ceil(log2 t)` rounds of elementwise work give every prefix.
+    Unlike TensorFlow's `associative_scan`, whose odd/even branches XLA
+    rejects, every shape here is static, so `tf.function(jit_compile=True)`
+    compiles it. Same arguments and results as `rg_lru_scan_reference`.
+    """
+    a = ops.cast(a, "float32")
+    x = ops.cast(x, "float32")
+    if h0 is not None:
+        first = x[:, :1] + a[:, :1] * ops.expand_dims(ops.cast(h0, "float32"), 1)
+        x = ops.concatenate([first, x[:, 1:]], axis=1)
+    t = x.shape[1]
+    if t is None:
+        y = _sequential_scan(a, x)
+        return y, y[:, -1]
+    shift = 1
+    while shift < t:
+        # Steps before the start compose with the identity map (a=1, x=0).
+        a_before = ops.concatenate([ops.ones_like(a[:, :shift]), a[:, :-shift]], 1)
+        x_before = ops.concatenate([ops.zeros_like(x[:, :shift]), x[:, :-shift]], 1)
+        x = a * x_before + x
+        a = a * a_before
+        shift *= 2
+    return x, x[:, -1]
+
+
 def rg_lru_scan(a, x, h0=None, implementation="auto"):
     """Runs the RG-LRU recurrence with the best implementation available.
 
@@ -76,19 +105,30 @@ def rg_lru_scan(a, x, h0=None, implementation="auto"):
         x: float tensor `[b, t, l]`.
         h0: optional float tensor `[b, l]`.
         implementation: `"auto"` picks the fastest path for the current
-            backend and device; `"reference"` forces the `keras.ops` version.
+            backend and device; `"reference"` forces the `keras.ops` version;
+            `"doubling"` forces `rg_lru_scan_doubling` (what `"auto"` uses on
+            TensorFlow, where it is the form XLA compiles).
 
     Returns:
         `(y, h_last)`, both float32, as in `rg_lru_scan_reference`.
     """
+    if resolve_implementation(implementation) == "doubling":
+        return rg_lru_scan_doubling(a, x, h0)
+    return _compiled_reference()(a, x, h0)
+
+
+def resolve_implementation(implementation="auto"):
+    """The implementation `rg_lru_scan` runs for `implementation` here."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"Unknown scan implementation {implementation!r} for backend "
             f"{keras.config.backend()!r}; expected one of {IMPLEMENTATIONS}."
         )
-    # Fast paths register here as they land; until then every backend and
-    # device uses the reference.
-    return _compiled_reference()(a, x, h0)
+    if implementation != "auto":
+        return implementation
+    if keras.config.backend() == "tensorflow":
+        return "doubling"
+    return "reference"
 
 
 @functools.cache

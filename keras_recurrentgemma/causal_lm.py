@@ -1,0 +1,620 @@
+"""RecurrentGemma causal language model: fit, generate and score."""
+
+import math
+from typing import NamedTuple
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.models import CausalLM
+from keras_hub.samplers import ContrastiveSampler
+from keras_hub.src.samplers.serialization import get as get_sampler
+from keras_hub.src.utils.tensor_utils import any_equal
+
+from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
+from keras_recurrentgemma.backbone import _with_segment_pos
+from keras_recurrentgemma.causal_lm_preprocessor import (
+    RecurrentGemmaCausalLMPreprocessor,
+)
+from keras_recurrentgemma.chat import format_chat
+from keras_recurrentgemma.tokenizer import END_OF_TURN
+from keras_recurrentgemma.utils.checks import check_in_range
+
+SAMPLERS = ("beam", "contrastive", "greedy", "random", "top_k", "top_p")
+# A logit that no softmax turns into a non-zero probability, finite in fp32.
+_NEVER = -1e9
+
+
+class RecurrentGemmaCache(NamedTuple):
+    """Everything generation remembers; its size never depends on length.
+
+    Attributes:
+        blocks: tuple with one cache per residual block, in order:
+            `RecurrentBlockCache(rg_lru_state [b, l] float32,
+            conv1d_state [b, k-1, l])` or `AttentionBlockCache(keys [b, w, k],
+            values [b, w, k], positions [b, w])`.
+        num_tokens: int32 `[b]`, tokens absorbed per row; the next token's
+            position.
+        hidden: `[b, d]`, the final hidden state at each row's last absorbed
+            token, from which the next token's logits come. Kept so that a
+            prompt is absorbed once and its logits are computed at one
+            position only.
+    """
+
+    blocks: tuple
+    num_tokens: object
+    hidden: object
+
+
+def _right_padded_lengths(padding_mask, name="padding_mask"):
+    """Row lengths of a right-padded mask; raises if real tokens have gaps."""
+    mask = ops.cast(padding_mask, "int32")
+    t = ops.shape(mask)[1]
+    lengths = ops.sum(mask, axis=1)
+    prefix = ops.cast(ops.arange(t)[None, :] < lengths[:, None], "int32")
+    gaps = ops.sum(ops.abs(mask - prefix), axis=1)
+    check_in_range(
+        gaps,
+        0,
+        1,
+        f"`{name}` must be right padded (each row's real tokens first, then "
+        "padding); a row has {bad} positions out of order.",
+    )
+    return lengths
+
+
+def _check_prompts(inputs, vocabulary_size):
+    """Eager checks of a generation batch, before any compiled code runs.
+
+    XLA drops TensorFlow's assertion ops, so checks inside the compiled
+    `generate_step` could vanish; here they run on concrete arrays on every
+    backend.
+    """
+    if not isinstance(inputs, dict) or not {"token_ids", "padding_mask"} <= set(inputs):
+        raise ValueError(
+            "Without a preprocessor, `generate` takes a dict with `token_ids` "
+            f"and `padding_mask`; got {type(inputs).__name__}."
+        )
+    token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
+    mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"])).astype(bool)
+    if token_ids.ndim != 2 or token_ids.shape != mask.shape:
+        raise ValueError(
+            f"`token_ids` {token_ids.shape} and `padding_mask` {mask.shape} must "
+            "both be [batch, max_length]."
+        )
+    if token_ids.shape[0] == 0:
+        raise ValueError("`generate` got an empty batch of prompts.")
+    real = token_ids[mask]
+    if real.size and (real.min() < 0 or real.max() >= vocabulary_size):
+        bad = real.min() if real.min() < 0 else real.max()
+        raise ValueError(
+            f"`token_ids` contains id {bad}, outside [0, vocabulary_size="
+            f"{vocabulary_size})."
+        )
+    lengths = mask.sum(axis=1)
+    if np.any(lengths == 0):
+        raise ValueError(
+            f"Prompt {int(np.argmin(lengths))} has no tokens; every prompt needs "
+            "at least one (the preprocessor adds <bos>)."
+        )
+    prefix = np.arange(mask.shape[1])[None, :] < lengths[:, None]
+    if np.any(mask != prefix):
+        raise ValueError(
+            "`padding_mask` must be right padded (each row's real tokens first, "
+            f"then padding); row {int(np.argmax(np.any(mask != prefix, 1)))} is not."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class RecurrentGemmaCausalLM(CausalLM):
+    """RecurrentGemma for causal language modelling and generation.
+
+    `fit` trains on `(x, y, sample_weight)` batches (raw strings when a
+    preprocessor is attached); `generate` continues prompts with any KerasHub
+    sampler (`compile(sampler=...)`).
+
+    Generation keeps a fixed-size cache (`RecurrentGemmaCache`): per
+    recurrent block the float32 RG-LRU state and the last
+    `conv1d_temporal_width - 1` Conv1D inputs, per attention block a ring
+    buffer of `attention_window_size` keys and values. Memory does not grow
+    with `max_length`. Prompts are absorbed in chunks of `prefill_chunk_size`
+    tokens, each row only up to its own length, so padding never enters the
+    recurrent or convolution state; logits are computed only where a token is
+    sampled.
+
+    For long inputs beyond one call, feed them chunk by chunk:
+    ```python
+    cache = causal_lm.initial_cache(batch_size=1)
+    for chunk in chunks:  # int arrays [1, n]
+        cache = causal_lm.prefill(chunk, cache=cache)
+    logits = causal_lm.next_token_logits(cache)
+    ```
+
+    Args:
+        backbone: `RecurrentGemmaBackbone`.
+        preprocessor: `RecurrentGemmaCausalLMPreprocessor` or `None`.
+        instruction_tuned: bool. The weights are an instruction-tuned (-it)
+            model: `stop_token_ids="auto"` also stops at `<end_of_turn>`.
+            Defaults to `False`.
+        prefill_chunk_size: int. Prompt tokens absorbed per step of
+            `generate`'s prefill; attention there costs
+            `chunk × (chunk + attention_window_size)` per head. Defaults to
+            `1024`.
+
+    Example:
+    ```python
+    causal_lm = keras_recurrentgemma.RecurrentGemmaCausalLM.from_preset(name)
+    causal_lm.compile(sampler="top_k")
+    causal_lm.generate("The quick brown fox", max_length=64)
+
+    turns = [{"role": "user", "content": "Write a haiku about rain."}]
+    causal_lm.chat(turns, max_length=128)  # for the -it presets
+    ```
+    """
+
+    backbone_cls = RecurrentGemmaBackbone
+    preprocessor_cls = RecurrentGemmaCausalLMPreprocessor
+    # Until `compile` says otherwise, TensorFlow's `generate` uses XLA.
+    _generate_jit_compile = True
+
+    def __init__(
+        self,
+        backbone,
+        preprocessor=None,
+        instruction_tuned=False,
+        prefill_chunk_size=1024,
+        **kwargs,
+    ):
+        if int(prefill_chunk_size) < 1:
+            raise ValueError(
+                f"`prefill_chunk_size` must be >= 1; got {prefill_chunk_size}."
+            )
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional model ===
+        inputs = backbone.input
+        hidden = backbone(inputs)
+        outputs = backbone.token_embedding(hidden, reverse=True)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.instruction_tuned = instruction_tuned
+        self.prefill_chunk_size = int(prefill_chunk_size)
+
+    # The backbone's `segment_pos` input is optional here too.
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(_with_segment_pos(inputs), *args, **kwargs)
+
+    def call(self, inputs, *args, **kwargs):
+        return super().call(_with_segment_pos(inputs), *args, **kwargs)
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="greedy",
+        **kwargs,
+    ):
+        if isinstance(sampler, str) and sampler not in SAMPLERS:
+            raise ValueError(
+                f"Unknown sampler {sampler!r}; use one of {list(SAMPLERS)} or "
+                "a `keras_hub.samplers.Sampler` instance."
+            )
+        get_sampler(sampler)  # fails here, not at the first `generate`
+        self._generate_jit_compile = kwargs.get("jit_compile", "auto") is not False
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            sampler=sampler,
+            **kwargs,
+        )
+
+    # --- The cache ----------------------------------------------------------
+
+    def initial_cache(self, batch_size):
+        """An empty `RecurrentGemmaCache` for `batch_size` rows."""
+        backbone = self.backbone
+        return RecurrentGemmaCache(
+            blocks=backbone.initial_caches(batch_size),
+            num_tokens=ops.zeros((batch_size,), "int32"),
+            hidden=ops.zeros((batch_size, backbone.hidden_dim), self.compute_dtype),
+        )
+
+    def _advance(self, token_ids, cache, padding_mask):
+        """Feeds `[b, t]` tokens, right padded, into `cache`.
+
+        Returns `(hidden [b, t, d], lengths [b], cache)`; `hidden` at padded
+        positions is garbage (see `_hold_last`).
+        """
+        b, t = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        if padding_mask is None:
+            mask = ops.ones((b, t), "bool")
+        else:
+            mask = ops.cast(padding_mask, "bool")
+        counts = ops.cumsum(ops.cast(mask, "int32"), axis=1)
+        segment_pos = ops.where(mask, cache.num_tokens[:, None] + counts - 1, -1)
+        hidden, blocks = self.backbone.forward_with_caches(
+            token_ids, segment_pos, cache.blocks
+        )
+        lengths = counts[:, -1]
+        last = ops.take_along_axis(
+            ops.concatenate([cache.hidden[:, None], hidden], axis=1),
+            ops.broadcast_to(lengths[:, None, None], (b, 1, ops.shape(hidden)[2])),
+            axis=1,
+        )[:, 0]
+        return (
+            hidden,
+            lengths,
+            RecurrentGemmaCache(blocks, cache.num_tokens + lengths, last),
+        )
+
+    @staticmethod
+    def _hold_last(hidden, lengths, previous):
+        """Padded positions repeat the hidden state of the last real token."""
+        b, t, d = ops.shape(hidden)[0], ops.shape(hidden)[1], ops.shape(hidden)[2]
+        both = ops.concatenate([previous[:, None], hidden], axis=1)
+        idx = ops.minimum(
+            ops.arange(1, t + 1, dtype="int32")[None, :], lengths[:, None]
+        )
+        return ops.take_along_axis(
+            both, ops.broadcast_to(idx[:, :, None], (b, t, d)), axis=1
+        )
+
+    def _check_token_ids(self, token_ids):
+        vocab = self.backbone.vocabulary_size
+        return check_in_range(
+            token_ids,
+            0,
+            vocab,
+            f"`token_ids` contains id {{bad}}, outside [0, vocabulary_size={vocab}).",
+        )
+
+    def call_with_cache(
+        self, token_ids, cache, cache_update_index=None, padding_mask=None
+    ):
+        """Runs `token_ids` on top of `cache`; the generation forward pass.
+
+        Positions come from `cache.num_tokens`, so `cache_update_index` is
+        accepted for KerasHub compatibility and not needed. Tokens where
+        `padding_mask` is 0 leave the cache as it is; each row's real tokens
+        must come first (right padding).
+
+        Args:
+            token_ids: int tensor `[b, t]`.
+            cache: `RecurrentGemmaCache`, e.g. from `initial_cache`.
+            cache_update_index: ignored.
+            padding_mask: optional int/bool tensor `[b, t]`.
+
+        Returns:
+            `(logits [b, t, vocab], hidden_states [b, t, d], cache)`. At a
+            padded position both repeat the last real token's.
+        """
+        token_ids = self._check_token_ids(token_ids)
+        if padding_mask is not None:
+            _right_padded_lengths(padding_mask)
+        return self._call_with_cache(token_ids, cache, padding_mask)
+
+    def _call_with_cache(self, token_ids, cache, padding_mask=None):
+        hidden, lengths, new_cache = self._advance(token_ids, cache, padding_mask)
+        hidden = self._hold_last(hidden, lengths, cache.hidden)
+        logits = self.backbone.token_embedding(hidden, reverse=True)
+        return logits, hidden, new_cache
+
+    def prefill(self, token_ids, padding_mask=None, cache=None):
+        """Absorbs tokens into the cache without computing any logits.
+
+        Call it repeatedly, passing the returned cache back, to feed a prompt
+        in chunks of any size; the result equals one call on the whole
+        prompt. Then `next_token_logits(cache)` gives the distribution of the
+        next token, and `call_with_cache` continues one token at a time.
+
+        Args:
+            token_ids: int tensor `[b, t]`.
+            padding_mask: optional `[b, t]`, right padded; a row whose real
+                tokens ended in an earlier chunk passes all zeros.
+            cache: `RecurrentGemmaCache` to continue, or `None` to start.
+
+        Returns:
+            The new `RecurrentGemmaCache`.
+        """
+        token_ids = self._check_token_ids(ops.convert_to_tensor(token_ids))
+        if cache is None:
+            cache = self.initial_cache(ops.shape(token_ids)[0])
+        if padding_mask is not None:
+            _right_padded_lengths(padding_mask)
+        return self._advance(token_ids, cache, padding_mask)[2]
+
+    def next_token_logits(self, cache):
+        """Logits `[b, vocab]` for the token after everything in `cache`."""
+        hidden = cache.hidden[:, None, :]
+        return self.backbone.token_embedding(hidden, reverse=True)[:, 0]
+
+    def _build_cache(self, token_ids, padding_mask=None, return_hidden=False):
+        """Prefills the right-padded prompts in `token_ids`.
+
+        Chunks of `prefill_chunk_size` run in a loop that stops after the
+        longest prompt, so a `max_length` buffer costs nothing beyond it.
+
+        Returns:
+            `(hidden_states, cache)`; `hidden_states` is `[b, t, d]` when
+            `return_hidden` (the contrastive sampler needs it) and else
+            `None`.
+        """
+        b, t = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        if padding_mask is None:
+            padding_mask = ops.ones((b, t), "int32")
+        mask = ops.cast(padding_mask, "int32")
+        chunk = min(self.prefill_chunk_size, t)
+        padded = math.ceil(t / chunk) * chunk
+        if padded != t:
+            token_ids = ops.pad(token_ids, [[0, 0], [0, padded - t]])
+            mask = ops.pad(mask, [[0, 0], [0, padded - t]])
+        longest = ops.max(ops.sum(mask, axis=1))
+        cache = self.initial_cache(b)
+        hidden_states = ()
+        if return_hidden:
+            hidden_states = ops.zeros(
+                (b, padded, self.backbone.hidden_dim), self.compute_dtype
+            )
+
+        def cond(start, cache, hidden_states):
+            return start < longest
+
+        def body(start, cache, hidden_states):
+            ids = ops.slice(token_ids, [0, start], [b, chunk])
+            chunk_mask = ops.slice(mask, [0, start], [b, chunk])
+            hidden, lengths, new_cache = self._advance(ids, cache, chunk_mask)
+            if return_hidden:
+                hidden = self._hold_last(hidden, lengths, cache.hidden)
+                hidden_states = ops.slice_update(hidden_states, [0, start, 0], hidden)
+            return start + chunk, new_cache, hidden_states
+
+        _, cache, hidden_states = ops.while_loop(
+            cond,
+            body,
+            (ops.convert_to_tensor(0, "int32"), cache, hidden_states),
+            maximum_iterations=padded // chunk,
+        )
+        if return_hidden:
+            return hidden_states[:, :t], cache
+        return None, cache
+
+    # --- Generation ---------------------------------------------------------
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """Generates into one right-padded batch; compiled by `generate`.
+
+        Each row's prompt is prefilled up to its own length. The sampler then
+        walks the columns from the shortest prompt's end: a row still inside
+        its prompt keeps its cache and gets a point-mass distribution on its
+        known next token (so beam scores are unaffected), and its first
+        sampled token comes from the hidden state its prefill left.
+
+        Args:
+            inputs: dict with `token_ids` and `padding_mask` `[b, max_length]`.
+            stop_token_ids: tuple of ids, or `None`.
+
+        Returns:
+            dict with the filled `token_ids` and a `padding_mask` that ends
+            after each row's first new stop token.
+        """
+        # `generate_function` checked the prompts before compiling this.
+        token_ids = inputs["token_ids"]
+        padding_mask = ops.cast(inputs["padding_mask"], "bool")
+        lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=1)
+        return_hidden = isinstance(self.sampler, ContrastiveSampler)
+        hidden_states, cache = self._build_cache(
+            token_ids, padding_mask, return_hidden=return_hidden
+        )
+        max_length = ops.shape(token_ids)[1]
+        vocab = self.backbone.vocabulary_size
+
+        def next(prompt, cache, index):
+            b = ops.shape(prompt)[0]
+            column = index - 1
+            token = ops.slice(prompt, [0, column], [b, 1])
+            # A row feeds the column only once its prompt is absorbed.
+            feed = ops.greater_equal(column, cache.num_tokens)[:, None]
+            logits, hidden, new_cache = self._call_with_cache(token, cache, feed)
+            logits = ops.cast(logits[:, 0], "float32")
+            known = ops.less(index, cache.num_tokens)
+            upcoming = ops.slice(
+                prompt, [0, ops.minimum(index, max_length - 1)], [b, 1]
+            )
+            point_mass = ops.where(
+                ops.equal(ops.arange(vocab)[None, :], upcoming), 0.0, _NEVER
+            )
+            logits = ops.where(known[:, None], point_mass, logits)
+            return logits, hidden[:, 0], new_cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=ops.min(lengths),
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+        if stop_token_ids is not None:
+            # Keep everything up to and including each row's first new stop.
+            stops = ops.cast(
+                any_equal(token_ids, stop_token_ids, ops.logical_not(padding_mask)),
+                "int32",
+            )
+            after = ops.cumsum(stops, axis=-1) - stops
+            padding_mask = ops.logical_not(ops.cast(after, "bool"))
+        else:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def make_generate_function(self):
+        """The compiled `generate_step`, behind eager checks of its inputs.
+
+        JAX jits it and torch runs it under `no_grad` (both as KerasHub
+        does); TensorFlow compiles it with XLA even on CPU, where Keras's
+        `jit_compile="auto"` would not, unless `compile(jit_compile=False)`.
+        """
+        if self.generate_function is not None:
+            return self.generate_function
+        if keras.config.backend() == "tensorflow" and not self.run_eagerly:
+            import tensorflow as tf
+
+            compiled = tf.function(
+                self.generate_step, jit_compile=self._generate_jit_compile
+            )
+        else:
+            compiled = super().make_generate_function()
+        vocabulary_size = self.backbone.vocabulary_size
+
+        def generate_function(inputs, stop_token_ids=None):
+            _check_prompts(inputs, vocabulary_size)
+            return compiled(inputs, stop_token_ids=stop_token_ids)
+
+        self.generate_function = generate_function
+        return generate_function
+
+    def _auto_stop_token_ids(self):
+        if self.preprocessor is None:
+            raise ValueError(
+                'stop_token_ids="auto" needs a preprocessor (for its tokenizer). '
+                "Pass `stop_token_ids=None` to generate up to `max_length`, or a "
+                "tuple of ids."
+            )
+        tokenizer = self.preprocessor.tokenizer
+        ids = [tokenizer.end_token_id]
+        if self.instruction_tuned:
+            if tokenizer.end_of_turn_id is None:
+                raise ValueError(
+                    f"instruction_tuned=True but the vocabulary has no {END_OF_TURN}."
+                )
+            ids.append(tokenizer.end_of_turn_id)
+        return tuple(ids)
+
+    def generate(
+        self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False
+    ):
+        """Continues prompts; see `keras_hub.models.CausalLM.generate`.
+
+        `stop_token_ids="auto"` stops at `<eos>` and, for instruction-tuned
+        models, at `<end_of_turn>`. A stop token that never comes just runs
+        to `max_length` (prompt plus new tokens).
+
+        Raises:
+            ValueError: for an empty prompt list, `max_length <= 0`, or a
+                prompt longer than `max_length`.
+        """
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
+            raise ValueError("`generate` got an empty list of prompts.")
+        if max_length is not None and int(max_length) <= 0:
+            raise ValueError(f"`max_length` must be a positive int; got {max_length}.")
+        if isinstance(stop_token_ids, str):
+            if stop_token_ids != "auto":
+                raise ValueError(
+                    f'`stop_token_ids` must be "auto", None or a tuple of ids; '
+                    f"got {stop_token_ids!r}."
+                )
+            stop_token_ids = self._auto_stop_token_ids()
+        elif stop_token_ids is not None:
+            stop_token_ids = tuple(int(i) for i in stop_token_ids)
+        return super().generate(
+            inputs,
+            max_length=max_length,
+            stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+        )
+
+    def chat(self, turns, max_length=None):
+        """Generates the model's next turn of a conversation.
+
+        Formats `turns` with `keras_recurrentgemma.chat.format_chat`,
+        generates until `<end_of_turn>` or `<eos>`, and returns the reply
+        text alone. Meant for instruction-tuned models.
+
+        Args:
+            turns: list of `{"role": "user" | "model", "content": str}`.
+            max_length: int. Prompt plus reply tokens. Defaults to the
+                preprocessor's `sequence_length`.
+
+        Returns:
+            str, the reply.
+        """
+        if self.preprocessor is None:
+            raise ValueError("`chat` needs a preprocessor to tokenize the turns.")
+        tokenizer = self.preprocessor.tokenizer
+        stops = [tokenizer.end_token_id]
+        if tokenizer.end_of_turn_id is not None:
+            stops.append(tokenizer.end_of_turn_id)
+        reply = self.generate(
+            format_chat(turns),
+            max_length=max_length,
+            stop_token_ids=tuple(stops),
+            strip_prompt=True,
+        )
+        end = reply.find(END_OF_TURN)
+        return reply if end < 0 else reply[:end]
+
+    # --- Scoring ------------------------------------------------------------
+
+    def score(
+        self,
+        token_ids,
+        padding_mask=None,
+        scoring_mode="logits",
+        layer_intercept_fn=None,
+        target_ids=None,
+    ):
+        """Scores token sequences with one forward pass.
+
+        Args:
+            token_ids: int tensor `[b, t]`.
+            padding_mask: optional `[b, t]`; ones if omitted.
+            scoring_mode: `"logits"` (`[b, t, vocab]`) or `"loss"` (per-token
+                cross-entropy of `target_ids`, `[b, t]`, i.e. minus the
+                log-softmax of the logits at the target).
+            layer_intercept_fn: optional `fn(x, i)` applied to the scaled
+                embeddings (`i = -1`) and to each residual block's output
+                (`i = 0, 1, ...`); it must return a tensor of the same shape.
+            target_ids: int tensor `[b, t]`, required for `"loss"`.
+
+        Returns:
+            The per-token scores.
+        """
+        if scoring_mode not in ("logits", "loss"):
+            raise ValueError(
+                f"scoring_mode must be 'logits' or 'loss'; got {scoring_mode!r}."
+            )
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError("scoring_mode='loss' needs `target_ids`.")
+        token_ids = ops.convert_to_tensor(token_ids)
+        if padding_mask is None:
+            padding_mask = ops.ones(ops.shape(token_ids), "int32")
+        token_ids, segment_pos = self.backbone.segment_positions(
+            token_ids, padding_mask
+        )
+        hidden, _ = self.backbone.forward_with_caches(
+            token_ids, segment_pos, layer_intercept_fn=layer_intercept_fn
+        )
+        logits = self.backbone.token_embedding(hidden, reverse=True)
+        if scoring_mode == "logits":
+            return logits
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="none"
+        )
+        return loss(target_ids, ops.cast(logits, "float32"))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "instruction_tuned": self.instruction_tuned,
+                "prefill_chunk_size": self.prefill_chunk_size,
+            }
+        )
+        return config

@@ -1,0 +1,48 @@
+"""Tiny causal LMs with random weights, shared by the generation tests."""
+
+import numpy as np
+
+from keras_recurrentgemma import RecurrentGemmaBackbone
+from keras_recurrentgemma import RecurrentGemmaCausalLM
+from keras_recurrentgemma import RecurrentGemmaCausalLMPreprocessor
+from keras_recurrentgemma import RecurrentGemmaTokenizer
+from tests.conftest import TINY_CONFIGS
+from tests.vocab import tiny_proto
+
+
+def tiny_tokenizer():
+    return RecurrentGemmaTokenizer(proto=tiny_proto())
+
+
+def randomize(model, seed=0, scale=0.5):
+    """Replaces every weight, so no zero-initialised bias hides a bug."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        values = rng.normal(scale=scale, size=w.shape)
+        w.assign(values.astype(w.dtype if w.dtype != "bfloat16" else "float32"))
+
+
+def tiny_causal_lm(
+    config="griffin",
+    sequence_length=32,
+    prefill_chunk_size=1024,
+    dtype="float32",
+    seed=0,
+    **overrides,
+):
+    """A `RecurrentGemmaCausalLM` on a `TINY_CONFIGS` entry and the tiny vocab.
+
+    The vocabulary size is the tiny SentencePiece model's, so sampled ids
+    detokenize.
+    """
+    tokenizer = tiny_tokenizer()
+    kwargs = {**TINY_CONFIGS[config], **overrides}
+    kwargs["vocabulary_size"] = tokenizer.vocabulary_size()
+    backbone = RecurrentGemmaBackbone(**kwargs, dtype=dtype)
+    randomize(backbone, seed=seed)
+    preprocessor = RecurrentGemmaCausalLMPreprocessor(
+        tokenizer, sequence_length=sequence_length
+    )
+    return RecurrentGemmaCausalLM(
+        backbone, preprocessor, prefill_chunk_size=prefill_chunk_size
+    )
