@@ -247,3 +247,19 @@ def test_tf_data_pipeline():
     )
     np.testing.assert_array_equal(y.numpy(), np_(eager_y))
     np.testing.assert_array_equal(sample_weight.numpy(), np_(eager_sample_weight))
+
+
+def test_generate_preprocess_in_tf_data_refuses_long_prompts():
+    tf = pytest.importorskip("tensorflow")
+    # Inside a graph the lengths are symbolic; an assertion stands in for the
+    # eager ValueError, so truncation is refused there too.
+    preprocessor = RecurrentGemmaCausalLMPreprocessor(
+        RecurrentGemmaTokenizer(proto=tiny_proto()), sequence_length=SEQUENCE_LENGTH
+    )
+    ds = tf.data.Dataset.from_tensor_slices(TEXTS).batch(len(TEXTS))
+    (x,) = list(ds.map(preprocessor.generate_preprocess))
+    eager = preprocessor.generate_preprocess(TEXTS)
+    np.testing.assert_array_equal(x["token_ids"].numpy(), np_(eager["token_ids"]))
+    long_text = tf.data.Dataset.from_tensor_slices([" ".join(TEXTS * 4)]).batch(1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_length"):
+        list(long_text.map(preprocessor.generate_preprocess))
