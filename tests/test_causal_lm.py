@@ -386,3 +386,18 @@ def test_generate_checks_token_inputs_before_compiling(griffin_lm):
         generate(left)
     with pytest.raises(ValueError, match="no tokens"):
         generate(right_padded([[2, 7], []], 8))
+
+
+def test_bfloat16_generation_keeps_the_recurrence_in_float32():
+    lm = tiny_causal_lm("griffin", dtype="bfloat16")
+    cache = lm.prefill(random_ids(lm, (2, 9)))
+    recurrent, attention = cache.blocks[0], cache.blocks[2]
+    dtype = keras.backend.standardize_dtype
+    assert dtype(recurrent.rg_lru_state.dtype) == "float32"
+    assert dtype(recurrent.conv1d_state.dtype) == "bfloat16"
+    assert dtype(attention.keys.dtype) == "bfloat16"
+    assert dtype(attention.positions.dtype) == "int32"
+    assert np.all(np.isfinite(to_numpy(lm.next_token_logits(cache))))
+    lm.compile(sampler="greedy")
+    tokens, _ = generate_ids(lm, [[2, 40, 41]], 16)
+    assert np.all((tokens >= 0) & (tokens < lm.backbone.vocabulary_size))
