@@ -19,6 +19,7 @@ from keras_recurrentgemma.causal_lm_preprocessor import (
 from keras_recurrentgemma.chat import format_chat
 from keras_recurrentgemma.tokenizer import END_OF_TURN
 from keras_recurrentgemma.utils.checks import check_in_range
+from keras_recurrentgemma.utils.checks import check_token_ids
 
 SAMPLERS = ("beam", "contrastive", "greedy", "random", "top_k", "top_p")
 # A logit that no softmax turns into a non-zero probability, finite in fp32.
@@ -265,15 +266,6 @@ class RecurrentGemmaCausalLM(CausalLM):
             both, ops.broadcast_to(idx[:, :, None], (b, t, d)), axis=1
         )
 
-    def _check_token_ids(self, token_ids):
-        vocab = self.backbone.vocabulary_size
-        return check_in_range(
-            token_ids,
-            0,
-            vocab,
-            f"`token_ids` contains id {{bad}}, outside [0, vocabulary_size={vocab}).",
-        )
-
     def call_with_cache(
         self, token_ids, cache, cache_update_index=None, padding_mask=None
     ):
@@ -294,7 +286,7 @@ class RecurrentGemmaCausalLM(CausalLM):
             `(logits [b, t, vocab], hidden_states [b, t, d], cache)`. At a
             padded position both repeat the last real token's.
         """
-        token_ids = self._check_token_ids(token_ids)
+        token_ids = check_token_ids(token_ids, self.backbone.vocabulary_size)
         if padding_mask is not None:
             _right_padded_lengths(padding_mask)
         return self._call_with_cache(token_ids, cache, padding_mask)
@@ -322,7 +314,9 @@ class RecurrentGemmaCausalLM(CausalLM):
         Returns:
             The new `RecurrentGemmaCache`.
         """
-        token_ids = self._check_token_ids(ops.convert_to_tensor(token_ids))
+        token_ids = check_token_ids(
+            ops.convert_to_tensor(token_ids), self.backbone.vocabulary_size
+        )
         if cache is None:
             cache = self.initial_cache(ops.shape(token_ids)[0])
         if padding_mask is not None:

@@ -11,43 +11,19 @@ file that is not a SentencePiece model is refused with a `ValueError` that
 names it.
 """
 
-import functools
-import io
-
 import keras
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 from keras_recurrentgemma import RecurrentGemmaTokenizer
 from keras_recurrentgemma.tokenizer import END_OF_TURN
 from keras_recurrentgemma.tokenizer import START_OF_TURN
-from tests.vocab import TEXT
 from tests.vocab import tiny_proto
 
 
-@functools.lru_cache(maxsize=None)
 def proto_without_turn_markers():
     """A second tiny vocabulary: the same special ids, no turn markers."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT * 4),
-        model_writer=model,
-        vocab_size=400,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    return tiny_proto(turn_markers=False)
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,11 @@ TEXT = [
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_proto(vocab_size=400):
-    """Serialized SentencePiece bytes: unigram, byte fallback, <= `vocab_size`."""
+def tiny_proto(vocab_size=400, turn_markers=True):
+    """Serialized SentencePiece bytes: unigram, byte fallback, <= `vocab_size`.
+
+    `turn_markers=False` leaves out `<start_of_turn>` and `<end_of_turn>`.
+    """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(TEXT * 4),
@@ -39,7 +42,9 @@ def tiny_proto(vocab_size=400):
         eos_piece="<eos>",
         bos_piece="<bos>",
         unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        user_defined_symbols=(
+            ["<start_of_turn>", "<end_of_turn>"] if turn_markers else []
+        ),
         hard_vocab_limit=False,
         byte_fallback=True,
         minloglevel=2,

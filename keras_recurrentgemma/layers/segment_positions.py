@@ -3,8 +3,8 @@
 import keras
 from keras import ops
 
-from keras_recurrentgemma.utils.checks import check_in_range
 from keras_recurrentgemma.utils.checks import check_same_shape
+from keras_recurrentgemma.utils.checks import check_token_ids
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
@@ -38,13 +38,7 @@ class SegmentPositions(keras.layers.Layer):
 
     def call(self, token_ids, padding_mask, segment_pos=None):
         check_same_shape(token_ids, padding_mask, "token_ids", "padding_mask")
-        token_ids = check_in_range(
-            token_ids,
-            0,
-            self.vocabulary_size,
-            "`token_ids` contains id {bad}, outside [0, vocabulary_size="
-            f"{self.vocabulary_size}).",
-        )
+        token_ids = check_token_ids(token_ids, self.vocabulary_size)
         mask = ops.cast(padding_mask, "bool")
         if segment_pos is None:
             segment_pos = ops.cumsum(ops.cast(mask, "int32"), axis=1) - 1

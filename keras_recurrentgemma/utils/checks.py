@@ -73,6 +73,17 @@ def check_in_range(values, low, high, message):
     return values
 
 
+def check_token_ids(token_ids, vocabulary_size):
+    """`check_in_range` for token ids, with the one message every caller uses."""
+    return check_in_range(
+        token_ids,
+        0,
+        vocabulary_size,
+        "`token_ids` contains id {bad}, outside [0, vocabulary_size="
+        f"{vocabulary_size}).",
+    )
+
+
 def check_same_shape(a, b, a_name, b_name):
     """Raises `ValueError` naming both tensors when their shapes differ."""
     a_shape, b_shape = tuple(a.shape), tuple(b.shape)
