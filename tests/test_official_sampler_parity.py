@@ -42,8 +42,8 @@ from tests.vocab import tiny_proto  # noqa: E402
 CONFIG_NAMES = ("griffin", "hawk", "attention_only")
 # 3 tokens with <bos>: shorter than every window, and so short that the
 # Conv1D state at the first decode step still has a zero slot.
-SHORT_PROMPT = "the"
-# 19 tokens with <bos>: nearly four windows of 5, six of 3.
+SHORT_PROMPT = "Hi"
+# 20 tokens with <bos>: four windows of 5, more than six of 3.
 LONG_PROMPT = "Hello world! How are you today?"
 PROMPTS = (SHORT_PROMPT, LONG_PROMPT)
 # One buffer length for every run, so each backend compiles `generate` once

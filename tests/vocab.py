@@ -1,8 +1,9 @@
 """A tiny SentencePiece vocabulary, trained once per process for the tests.
 
 It has the ids of the official RecurrentGemma vocabulary's special pieces
-(`<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3) and the two turn markers as
-user-defined pieces, as in the Gemma vocabulary.
+(`<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3), the two turn markers as
+user-defined pieces, and byte fallback, as in the Gemma vocabulary, and it
+keeps whitespace and newlines unchanged.
 """
 
 import functools
@@ -47,6 +48,11 @@ def tiny_proto(vocab_size=400, turn_markers=True):
         ),
         hard_vocab_limit=False,
         byte_fallback=True,
+        # Keep text as written, newlines included, as the Gemma vocabulary
+        # does: the chat format puts a newline after every role.
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
         minloglevel=2,
     )
     return model.getvalue()
