@@ -25,6 +25,20 @@ def _combine(left, right):
     return a_l * a_r, a_r * x_l + x_r
 
 
+def _float32_with_h0(a, x, h0):
+    """`a`, `x` in float32, with `h0` folded into the first input.
+
+    Folding equals prepending the step (a=1, x=h0), so a scan that starts
+    from zero state gives the states that start from `h0`.
+    """
+    a = ops.cast(a, "float32")
+    x = ops.cast(x, "float32")
+    if h0 is not None:
+        first = x[:, :1] + a[:, :1] * ops.expand_dims(ops.cast(h0, "float32"), 1)
+        x = ops.concatenate([first, x[:, 1:]], axis=1)
+    return a, x
+
+
 def rg_lru_scan_reference(a, x, h0=None):
     """Reference recurrence in `keras.ops`, accumulated in float32.
 
@@ -38,12 +52,7 @@ def rg_lru_scan_reference(a, x, h0=None):
         `(y, h_last)`: `y` float32 `[b, t, l]` holding every state, and
         `h_last` float32 `[b, l]`, the state after the last step.
     """
-    a = ops.cast(a, "float32")
-    x = ops.cast(x, "float32")
-    if h0 is not None:
-        # Folding h0 into the first input equals prepending (a=1, x=h0).
-        first = x[:, :1] + a[:, :1] * ops.expand_dims(ops.cast(h0, "float32"), 1)
-        x = ops.concatenate([first, x[:, 1:]], axis=1)
+    a, x = _float32_with_h0(a, x, h0)
     if x.shape[1] == 1:
         y = x
     elif x.shape[1] is None:
@@ -77,11 +86,7 @@ def rg_lru_scan_doubling(a, x, h0=None):
     rejects, every shape here is static, so `tf.function(jit_compile=True)`
     compiles it. Same arguments and results as `rg_lru_scan_reference`.
     """
-    a = ops.cast(a, "float32")
-    x = ops.cast(x, "float32")
-    if h0 is not None:
-        first = x[:, :1] + a[:, :1] * ops.expand_dims(ops.cast(h0, "float32"), 1)
-        x = ops.concatenate([first, x[:, 1:]], axis=1)
+    a, x = _float32_with_h0(a, x, h0)
     t = x.shape[1]
     if t is None:
         y = _sequential_scan(a, x)
