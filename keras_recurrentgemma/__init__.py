@@ -1,14 +1,37 @@
-"""RecurrentGemma (Griffin) for Keras 3 on JAX, TensorFlow and PyTorch."""
+"""RecurrentGemma (Griffin) for Keras 3 on JAX, TensorFlow and PyTorch.
 
-from keras_recurrentgemma import convert
-from keras_recurrentgemma import layers
-from keras_recurrentgemma import ops
-from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
-from keras_recurrentgemma.causal_lm import RecurrentGemmaCache
-from keras_recurrentgemma.causal_lm import RecurrentGemmaCausalLM
-from keras_recurrentgemma.causal_lm_preprocessor import (
-    RecurrentGemmaCausalLMPreprocessor,
-)
-from keras_recurrentgemma.chat import format_chat
-from keras_recurrentgemma.tokenizer import RecurrentGemmaTokenizer
+Names are imported on first use: `import keras_recurrentgemma` does not import
+Keras, so `python -m keras_recurrentgemma --backend torch ...` can still choose
+the backend (Keras reads `KERAS_BACKEND` once, when it is first imported).
+"""
+
+import importlib
+
 from keras_recurrentgemma.version import __version__
+
+_EXPORTS = {
+    "RecurrentGemmaBackbone": "keras_recurrentgemma.backbone",
+    "RecurrentGemmaCache": "keras_recurrentgemma.causal_lm",
+    "RecurrentGemmaCausalLM": "keras_recurrentgemma.causal_lm",
+    "RecurrentGemmaCausalLMPreprocessor": "keras_recurrentgemma.causal_lm_preprocessor",
+    "RecurrentGemmaTokenizer": "keras_recurrentgemma.tokenizer",
+    "format_chat": "keras_recurrentgemma.chat",
+}
+_SUBMODULES = ("convert", "layers", "ops", "presets")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

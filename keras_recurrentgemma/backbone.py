@@ -1,7 +1,6 @@
 """RecurrentGemma (Griffin) backbone."""
 
 import math
-import os
 
 import keras
 import ml_dtypes
@@ -9,6 +8,7 @@ from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
+from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.layers import BLOCK_TYPES
 from keras_recurrentgemma.layers import ResidualBlock
 from keras_recurrentgemma.layers import RMSNormalization
@@ -254,41 +254,27 @@ class RecurrentGemmaBackbone(Backbone):
     def call(self, inputs, *args, **kwargs):
         return super().call(_with_segment_pos(inputs), *args, **kwargs)
 
+    presets = preset_loader.PresetsProperty()
+
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Loads a KerasHub preset or a Hugging Face checkpoint directory.
-
-        A local directory whose `config.json` has
-        `model_type == "recurrent_gemma"` is read as a `transformers`
-        checkpoint (see `convert.huggingface.backbone_from_huggingface`;
-        weights default to float32). Anything else goes to KerasHub's
-        `Backbone.from_preset`.
+        """Builds the backbone from a preset name, directory or handle.
 
         Args:
-            preset: str. A KerasHub preset name or handle, or a directory.
+            preset: str. A name from `RecurrentGemmaBackbone.presets`; a local
+                Keras preset, Hugging Face or official (Orbax or `.pt`)
+                checkpoint directory; or an `hf://` / `kaggle://` handle.
+                Checkpoints that are not Keras presets are converted on load.
             load_weights: bool. If `False`, the weights are randomly
                 initialised.
             **kwargs: backbone arguments such as `dtype`.
 
-        Returns:
-            A `RecurrentGemmaBackbone`.
-
         Raises:
-            ValueError: if a Hugging Face checkpoint is invalid; see
-                `backbone_from_huggingface`.
+            ValueError: for an unknown name (listing the known ones), a
+                directory in no known format, a truncated or mismatched
+                weights file, or a failed download (saying what to do).
         """
-        # Imported here: the converter imports this module.
-        from keras_recurrentgemma.convert import huggingface
-
-        if not (
-            os.path.isdir(preset) and huggingface.is_huggingface_checkpoint(preset)
-        ):
-            return super().from_preset(preset, load_weights=load_weights, **kwargs)
-        if load_weights:
-            return huggingface.backbone_from_huggingface(preset, **kwargs)
-        config = huggingface.config_from_huggingface(huggingface.read_config(preset))
-        kwargs.setdefault("dtype", "float32")
-        return cls(**config, **kwargs)
+        return preset_loader.load_backbone(cls, preset, load_weights, **kwargs)
 
     def get_config(self):
         config = super().get_config()

@@ -11,6 +11,7 @@ from keras_hub.samplers import ContrastiveSampler
 from keras_hub.src.samplers.serialization import get as get_sampler
 from keras_hub.src.utils.tensor_utils import any_equal
 
+from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
 from keras_recurrentgemma.backbone import _with_segment_pos
 from keras_recurrentgemma.causal_lm_preprocessor import (
@@ -157,6 +158,36 @@ class RecurrentGemmaCausalLM(CausalLM):
     preprocessor_cls = RecurrentGemmaCausalLMPreprocessor
     # Until `compile` says otherwise, TensorFlow's `generate` uses XLA.
     _generate_jit_compile = True
+    presets = preset_loader.PresetsProperty()
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds the causal LM (backbone and preprocessor) from a preset.
+
+        Args:
+            preset: str. A name from `RecurrentGemmaCausalLM.presets`; a local
+                Keras preset, Hugging Face or official (Orbax or `.pt`)
+                checkpoint directory; or an `hf://` / `kaggle://` handle.
+                Checkpoints that are not Keras presets are converted on load,
+                the tokenizer coming from their `tokenizer.model`.
+            load_weights: bool. If `False`, the weights are randomly
+                initialised.
+            **kwargs: task arguments (`instruction_tuned`,
+                `prefill_chunk_size`, `preprocessor`, ...) and `dtype`.
+                Named instruction-tuned presets set `instruction_tuned=True`.
+
+        Raises:
+            ValueError: for an unknown name (listing the known ones), a
+                directory in no known format, a truncated or mismatched
+                weights file, or a failed download (saying what to do).
+
+        Example:
+        ```python
+        causal_lm = RecurrentGemmaCausalLM.from_preset("griffin_tiny_pydocs_en")
+        causal_lm.generate("The function", max_length=40)
+        ```
+        """
+        return preset_loader.load_task(cls, preset, load_weights, **kwargs)
 
     def __init__(
         self,

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras_hub.models import CausalLMPreprocessor
 
+from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
 from keras_recurrentgemma.tokenizer import RecurrentGemmaTokenizer
 
@@ -78,6 +79,17 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
 
     backbone_cls = RecurrentGemmaBackbone
     tokenizer_cls = RecurrentGemmaTokenizer
+    presets = preset_loader.PresetsProperty()
+
+    @classmethod
+    def from_preset(cls, preset, config_file="preprocessor.json", **kwargs):
+        """Builds the preprocessor from a preset name, directory or handle.
+
+        Accepts what `RecurrentGemmaBackbone.from_preset` accepts. A checkpoint
+        that is not a Keras preset gives a preprocessor around its
+        `tokenizer.model`, with `kwargs` (e.g. `sequence_length`) applied.
+        """
+        return preset_loader.load_preprocessor(cls, preset, config_file, **kwargs)
 
     def __init__(self, tokenizer, sequence_length=1024, **kwargs):
         _check_length(sequence_length, "sequence_length")

@@ -3,6 +3,7 @@
 import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
+from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
 
 START_OF_TURN = "<start_of_turn>"
@@ -34,6 +35,16 @@ class RecurrentGemmaTokenizer(SentencePieceTokenizer):
     """
 
     backbone_cls = RecurrentGemmaBackbone
+    presets = preset_loader.PresetsProperty()
+
+    @classmethod
+    def from_preset(cls, preset, config_file="tokenizer.json", **kwargs):
+        """Builds the tokenizer from a preset name, directory or handle.
+
+        Accepts what `RecurrentGemmaBackbone.from_preset` accepts; for a
+        checkpoint that is not a Keras preset it reads its `tokenizer.model`.
+        """
+        return preset_loader.load_tokenizer(cls, preset, config_file, **kwargs)
 
     def __init__(self, proto, **kwargs):
         self._add_special_token("<bos>", "start_token")

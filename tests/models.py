@@ -1,5 +1,6 @@
 """Tiny causal LMs with random weights, shared by the generation tests."""
 
+import keras
 import numpy as np
 
 from keras_recurrentgemma import RecurrentGemmaBackbone
@@ -46,3 +47,26 @@ def tiny_causal_lm(
     return RecurrentGemmaCausalLM(
         backbone, preprocessor, prefill_chunk_size=prefill_chunk_size
     )
+
+
+def assert_same_weights(a, b):
+    """Every variable of `a` and `b`: same paths, dtypes and bits."""
+    wa = {v.path: keras.ops.convert_to_numpy(v) for v in a.weights}
+    wb = {v.path: keras.ops.convert_to_numpy(v) for v in b.weights}
+    assert sorted(wa) == sorted(wb)
+    for path in wa:
+        assert wa[path].dtype == wb[path].dtype, path
+        np.testing.assert_array_equal(wa[path], wb[path], err_msg=path)
+
+
+def write_tiny_hf_checkpoint(path, seed=3):
+    """A tiny Griffin written by `transformers`' `save_pretrained`, plus the
+    tiny vocabulary's `tokenizer.model`: a Hugging Face repo in miniature."""
+    from tests.test_hf_parity import make_hf_model
+
+    config = dict(TINY_CONFIGS["griffin"])
+    config["vocabulary_size"] = tiny_tokenizer().vocabulary_size()
+    model = make_hf_model(config, config["block_types"], seed=seed)
+    model.save_pretrained(str(path))
+    (path / "tokenizer.model").write_bytes(tiny_proto())
+    return str(path)
