@@ -6,7 +6,27 @@ read) and produces `{keras_variable_path: (source_key, array)}`.
 bad checkpoint is an error naming the tensor, never a partial load.
 """
 
+import contextlib
+import contextvars
+
 import numpy as np
+
+# Set by `show_progress()`: converters then report each tensor they load.
+_SHOW_PROGRESS = contextvars.ContextVar("show_progress", default=False)
+
+
+@contextlib.contextmanager
+def show_progress():
+    """Shows a progress bar (tqdm, on stderr) while weights are assigned.
+
+    The released models have hundreds of tensors and take minutes to load;
+    `tools/convert_checkpoint.py` turns this on.
+    """
+    token = _SHOW_PROGRESS.set(True)
+    try:
+        yield
+    finally:
+        _SHOW_PROGRESS.reset(token)
 
 
 class TensorSource:
@@ -97,6 +117,11 @@ def assign_backbone_weights(backbone, tensors, source):
                 f"{source}: tensor `{key}` has shape {tuple(array.shape)}, but "
                 f"model variable `{path}` needs {want}."
             )
-    for path, (_, array) in tensors.items():
+    items = tensors.items()
+    if _SHOW_PROGRESS.get():
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="Loading weights", unit="tensor", total=len(tensors))
+    for path, (_, array) in items:
         variable = variables[path]
         variable.assign(np.asarray(array).astype(variable.dtype))
