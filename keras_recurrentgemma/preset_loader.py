@@ -66,7 +66,8 @@ def detect_format(directory):
             and what was expected.
     """
     from keras_recurrentgemma.convert import huggingface
-    from keras_recurrentgemma.convert import official
+    from keras_recurrentgemma.convert import official_torch
+    from keras_recurrentgemma.convert import orbax
 
     config_path = os.path.join(directory, preset_utils.CONFIG_FILE)
     if os.path.isfile(config_path):
@@ -81,9 +82,9 @@ def detect_format(directory):
                 f"{config['model_type']!r}, not {huggingface.MODEL_TYPE!r} "
                 "(RecurrentGemma)."
             )
-    if official.find_torch_checkpoint(directory) is not None:
+    if official_torch.find_torch_checkpoint(directory) is not None:
         return OFFICIAL_TORCH
-    if official.find_orbax_checkpoint(directory) is not None:
+    if orbax.find_orbax_checkpoint(directory) is not None:
         return ORBAX
     raise ValueError(
         f"{directory} is not a checkpoint this library can read "
@@ -135,7 +136,8 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
 
     def load_backbone(self, cls, load_weights, **kwargs):
         from keras_recurrentgemma.convert import huggingface
-        from keras_recurrentgemma.convert import official
+        from keras_recurrentgemma.convert import official_torch
+        from keras_recurrentgemma.convert import orbax
 
         if self.source_format == HUGGINGFACE:
             if load_weights:
@@ -148,11 +150,11 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
         # The official formats carry no config: it is read off the tensors,
         # so even `load_weights=False` reads them.
         if self.source_format == OFFICIAL_TORCH:
-            path = official.find_torch_checkpoint(self.directory)
-            backbone = official.backbone_from_official_torch(path, **kwargs)
+            path = official_torch.find_torch_checkpoint(self.directory)
+            backbone = official_torch.backbone_from_official_torch(path, **kwargs)
         else:
-            path = official.find_orbax_checkpoint(self.directory)
-            backbone = official.backbone_from_orbax(path, **kwargs)
+            path = orbax.find_orbax_checkpoint(self.directory)
+            backbone = orbax.backbone_from_orbax(path, **kwargs)
         if not load_weights:
             backbone = cls.from_config(backbone.get_config())
         return backbone

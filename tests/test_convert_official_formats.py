@@ -32,13 +32,13 @@ from recurrentgemma.conversion import flax_params_to_pytorch_state_dict
 
 from keras_recurrentgemma.convert.huggingface import backbone_from_huggingface
 from keras_recurrentgemma.convert.official import backbone_from_official
-from keras_recurrentgemma.convert.official import backbone_from_official_torch
-from keras_recurrentgemma.convert.official import backbone_from_orbax
-from keras_recurrentgemma.convert.official import find_orbax_checkpoint
-from keras_recurrentgemma.convert.official import find_torch_checkpoint
-from keras_recurrentgemma.convert.official import params_from_torch_state_dict
-from keras_recurrentgemma.convert.official import read_orbax_params
-from keras_recurrentgemma.convert.official import read_torch_state_dict
+from keras_recurrentgemma.convert.official_torch import backbone_from_official_torch
+from keras_recurrentgemma.convert.official_torch import find_torch_checkpoint
+from keras_recurrentgemma.convert.official_torch import params_from_torch_state_dict
+from keras_recurrentgemma.convert.official_torch import read_torch_state_dict
+from keras_recurrentgemma.convert.orbax import backbone_from_orbax
+from keras_recurrentgemma.convert.orbax import find_orbax_checkpoint
+from keras_recurrentgemma.convert.orbax import read_orbax_params
 from keras_recurrentgemma.convert.reference import griffin_config
 from keras_recurrentgemma.convert.reference import reference_logits
 from tests.conftest import TINY_CONFIGS

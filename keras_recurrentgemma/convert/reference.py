@@ -13,10 +13,10 @@ is the most accurate answer each implementation gives.
 import numpy as np
 
 from keras_recurrentgemma.convert.official import config_from_official
-from keras_recurrentgemma.convert.official import find_orbax_checkpoint
-from keras_recurrentgemma.convert.official import find_torch_checkpoint
-from keras_recurrentgemma.convert.official import read_orbax_params
-from keras_recurrentgemma.convert.official import read_torch_state_dict
+from keras_recurrentgemma.convert.official_torch import find_torch_checkpoint
+from keras_recurrentgemma.convert.official_torch import read_torch_state_dict
+from keras_recurrentgemma.convert.orbax import find_orbax_checkpoint
+from keras_recurrentgemma.convert.orbax import read_orbax_params
 
 SOURCE_FORMATS = ("huggingface", "official_torch", "orbax")
 
@@ -140,7 +140,7 @@ def _official_torch_logits(path, ids, backbone, config, overrides):
     official = _import_recurrentgemma("torch")
     import torch
 
-    from keras_recurrentgemma.convert.official import params_from_torch_state_dict
+    from keras_recurrentgemma.convert.official_torch import params_from_torch_state_dict
 
     filename = find_torch_checkpoint(path)
     state_dict = read_torch_state_dict(path)

@@ -1,0 +1,234 @@
+"""Reading the official Flax checkpoints, as Orbax wrote them.
+
+Kaggle's `google/recurrentgemma/flax/<variant>` download holds a checkpoint
+folder such as `2b/` next to `tokenizer.model`. `find_orbax_checkpoint`
+locates it, `read_orbax_params` restores the parameter tree as numpy, and
+`backbone_from_orbax` converts it with `official.build_backbone`.
+"""
+
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from keras_recurrentgemma.convert.common import to_numpy
+from keras_recurrentgemma.convert.official import build_backbone
+
+# Files that only an Orbax (or Flax) checkpoint folder holds: the PyTree
+# metadata (orbax >= 0.5), the OCDBT root manifest, and the msgpack
+# `checkpoint` of older Flax/Orbax saves.
+_ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt")
+_LEGACY_CHECKPOINT_FILE = "checkpoint"
+# Orbax writes into `<name>.orbax-checkpoint-tmp-<timestamp>` (or, in 0.12,
+# `<name>.orbax-checkpoint-tmp`) and renames it once the save is complete.
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+
+
+def _is_msgpack_map(filename):
+    # TensorFlow checkpoints also have a file named `checkpoint`, but theirs
+    # is a text proto; Flax's starts with a msgpack map header.
+    try:
+        with open(filename, "rb") as f:
+            first = f.read(1)
+    except OSError:
+        return False
+    return bool(first) and (0x80 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF))
+
+
+def is_orbax_checkpoint(path):
+    """True if `path` is a folder written by Orbax (or the older Flax saver).
+
+    Args:
+        path: str or path-like.
+
+    Returns:
+        bool. A folder holding `_METADATA` or `manifest.ocdbt` (what
+        `orbax.checkpoint.PyTreeCheckpointer().save` writes, with and without
+        OCDBT), or a msgpack `checkpoint` file (older Flax and Orbax saves).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return False
+    if any(os.path.isfile(os.path.join(path, name)) for name in _ORBAX_MARKERS):
+        return True
+    return _is_msgpack_map(os.path.join(path, _LEGACY_CHECKPOINT_FILE))
+
+
+def find_orbax_checkpoint(directory):
+    """Finds the Orbax checkpoint folder of a downloaded model.
+
+    The Kaggle Flax downloads hold the checkpoint in a subfolder named after
+    the model (`2b/`, `2b-it/`, ...) next to `tokenizer.model`.
+
+    Args:
+        directory: str or path-like. The checkpoint folder itself, or a folder
+            with exactly one checkpoint folder directly inside it. Unfinished
+            saves (`*.orbax-checkpoint-tmp*`) are not counted.
+
+    Returns:
+        The checkpoint folder as a str, or `None` if there is none.
+
+    Raises:
+        ValueError: if `directory` holds several checkpoint folders (they are
+            listed).
+    """
+    directory = os.fspath(directory)
+    if is_orbax_checkpoint(directory):
+        return directory
+    if not os.path.isdir(directory):
+        return None
+    found = sorted(
+        os.path.join(directory, name)
+        for name in os.listdir(directory)
+        if _ORBAX_TMP not in name and is_orbax_checkpoint(os.path.join(directory, name))
+    )
+    if len(found) > 1:
+        raise ValueError(
+            f"{directory}: several Orbax checkpoints {found}; pass the one to load."
+        )
+    return found[0] if found else None
+
+
+def _orbax_error_detail(error):
+    # tensorstore appends its whole JSON spec to the message; the part before
+    # it says what failed and where.
+    message = str(error).split(" [tensorstore_spec=")[0].strip()
+    message = " ".join(message.split())
+    return message[:600] or type(error).__name__
+
+
+def _orbax_file_in(message, path):
+    """The file a tensorstore message names, if it is inside `path`."""
+    for name in re.findall(r'local file "([^"]+)"', message):
+        if not name.endswith("/") and os.path.abspath(name).startswith(
+            os.path.abspath(path)
+        ):
+            return name
+    return None
+
+
+def _import_orbax():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ImportError(
+            "Reading an Orbax (Flax) checkpoint needs the `orbax-checkpoint` "
+            "package: `pip install orbax-checkpoint`."
+        ) from e
+    return ocp
+
+
+def _numpy_restore_args(ocp, checkpointer, path):
+    """Restore arguments that ask for numpy leaves, or None if unknown.
+
+    Restored as numpy, the arrays never go to an accelerator (a 2B
+    checkpoint would otherwise take device memory just to be converted).
+    """
+    import jax
+
+    try:
+        metadata = checkpointer.metadata(path)
+    except Exception:  # Old layouts: the plain restore still works.
+        return None
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, Mapping):
+        return None
+    return jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree
+    )
+
+
+def read_orbax_params(path):
+    """Reads an official Orbax checkpoint into a nested dict of numpy arrays.
+
+    Args:
+        path: str or path-like. The checkpoint folder, or a folder holding
+            exactly one (see `find_orbax_checkpoint`).
+
+    Returns:
+        The restored tree as nested dicts of numpy arrays; bfloat16 tensors
+        stay `ml_dtypes.bfloat16`. It is whatever was saved, e.g. the Griffin
+        tree, or `{"params": tree}`.
+
+    Raises:
+        ImportError: if `orbax-checkpoint` is not installed.
+        ValueError: if `path` is not an Orbax checkpoint, is an unfinished
+            save, or is truncated, incomplete or corrupt (the message names
+            the folder, and the file when Orbax reports it).
+    """
+    path = os.fspath(path)
+    checkpoint = find_orbax_checkpoint(path)
+    if checkpoint is None:
+        raise ValueError(
+            f"{path}: not an Orbax checkpoint (no {' or '.join(_ORBAX_MARKERS)} "
+            "in it or in a folder directly inside it)."
+        )
+    checkpoint = os.path.abspath(checkpoint)
+    if _ORBAX_TMP in os.path.basename(checkpoint):
+        raise ValueError(
+            f"{checkpoint}: an unfinished Orbax save (Orbax renames the folder "
+            "once every file is written); save or download it again."
+        )
+    ocp = _import_orbax()
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        restore_args = _numpy_restore_args(ocp, checkpointer, checkpoint)
+        if restore_args is None:
+            tree = checkpointer.restore(checkpoint)
+        else:
+            tree = checkpointer.restore(
+                checkpoint, args=ocp.args.PyTreeRestore(restore_args=restore_args)
+            )
+    except MemoryError:
+        raise
+    except Exception as e:
+        # tensorstore reports missing and truncated files as ValueError,
+        # FileNotFoundError or OSError with a spec dump; say what it means.
+        detail = _orbax_error_detail(e)
+        culprit = _orbax_file_in(detail, checkpoint)
+        raise ValueError(
+            f"{checkpoint}: cannot read this Orbax checkpoint; it is truncated, "
+            "incomplete or corrupt"
+            + (f" (file {culprit})" if culprit else "")
+            + f". Orbax said: {detail}"
+        ) from e
+    if not isinstance(tree, Mapping):
+        raise ValueError(
+            f"{checkpoint}: the Orbax checkpoint holds a {type(tree).__name__}, "
+            "not a tree of named parameters."
+        )
+    return _to_numpy_tree(tree)
+
+
+def _to_numpy_tree(tree):
+    return {
+        key: _to_numpy_tree(value) if isinstance(value, Mapping) else to_numpy(value)
+        for key, value in tree.items()
+    }
+
+
+def backbone_from_orbax(path, dtype=None, **config_overrides):
+    """Builds a `RecurrentGemmaBackbone` from an official Orbax checkpoint.
+
+    Args:
+        path: str or path-like. The checkpoint folder (e.g. `2b/` of the
+            Kaggle Flax download), or the download folder holding it.
+        dtype: string or `keras.DTypePolicy` for the backbone. `None` uses
+            Keras' default (float32).
+        **config_overrides: `RecurrentGemmaBackbone` arguments that replace
+            the inferred or default values (see `backbone_from_official`);
+            `attention_window_size` is 2048 unless given.
+
+    Returns:
+        A `RecurrentGemmaBackbone` holding the checkpoint's weights.
+
+    Raises:
+        ImportError: if `orbax-checkpoint` is not installed.
+        ValueError: if the checkpoint cannot be read (naming the folder) or
+            does not hold a Griffin tree (naming the tensor).
+    """
+    params = read_orbax_params(path)
+    where = f"Orbax checkpoint {find_orbax_checkpoint(path)}"
+    return build_backbone(params, dtype, config_overrides, where)
