@@ -17,7 +17,6 @@ converted on load by `ConvertedPresetLoader`. Loading is all or nothing: a
 bad file is a `ValueError` that names it, never a half-loaded model.
 """
 
-import json
 import os
 
 from keras_hub.src.utils import preset_utils
@@ -44,17 +43,6 @@ def _describe_directory(directory, limit=12):
     return f"it holds [{shown}]" if names else "it is empty"
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e}).") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object.")
-    return value
-
-
 def detect_format(directory):
     """Names the checkpoint format of a local directory.
 
@@ -65,13 +53,15 @@ def detect_format(directory):
         ValueError: if the directory is none of them, saying what it holds
             and what was expected.
     """
+    # The converters import the backbone, which imports this module.
+    from keras_recurrentgemma.convert import common
     from keras_recurrentgemma.convert import huggingface
     from keras_recurrentgemma.convert import official_torch
     from keras_recurrentgemma.convert import orbax
 
     config_path = os.path.join(directory, preset_utils.CONFIG_FILE)
     if os.path.isfile(config_path):
-        config = _read_json(config_path)
+        config = common.read_json_object(config_path)
         if "registered_name" in config:
             return KERAS
         if config.get("model_type") == huggingface.MODEL_TYPE:
@@ -246,7 +236,10 @@ def get_preset_loader(preset):
 
     source_format = detect_format(directory)
     if source_format == KERAS:
-        config = _read_json(os.path.join(directory, preset_utils.CONFIG_FILE))
+        from keras_recurrentgemma.convert import common
+
+        config_path = os.path.join(directory, preset_utils.CONFIG_FILE)
+        config = common.read_json_object(config_path)
         return KerasFormatLoader(directory, config)
     return ConvertedPresetLoader(preset, directory, source_format, task_defaults)
 

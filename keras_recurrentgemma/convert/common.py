@@ -8,6 +8,7 @@ bad checkpoint is an error naming the tensor, never a partial load.
 
 import contextlib
 import contextvars
+import json
 
 import numpy as np
 
@@ -125,3 +126,20 @@ def assign_backbone_weights(backbone, tensors, source):
     for path, (_, array) in items:
         variable = variables[path]
         variable.assign(np.asarray(array).astype(variable.dtype))
+
+
+def read_json_object(path):
+    """Reads a JSON file that must hold an object (a dict).
+
+    Raises:
+        ValueError: naming the file, if it cannot be read or parsed, or holds
+            something other than an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e}).") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object.")
+    return value

@@ -15,6 +15,7 @@ import numpy as np
 
 from keras_recurrentgemma.convert.common import TensorSource
 from keras_recurrentgemma.convert.common import assign_backbone_weights
+from keras_recurrentgemma.convert.common import read_json_object
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -188,14 +189,7 @@ def read_config(path):
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ValueError(f"{path}: no {CONFIG_FILE}; not a Hugging Face checkpoint.")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path}: cannot read JSON ({e}).") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object.")
-    return config
+    return read_json_object(config_path)
 
 
 def is_huggingface_checkpoint(path):
