@@ -82,7 +82,7 @@ PRESETS = {
                 "SentencePiece vocabulary; writes technical English. For trying "
                 "the API offline, not for real use. See its README.md."
             ),
-            "params": None,  # read from the shipped config on first use
+            "params": 3_496_896,
             "path": "griffin",
             "official": False,
             "instruction_tuned": False,

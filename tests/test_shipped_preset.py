@@ -47,7 +47,7 @@ def test_registry_entry_matches_the_files(causal_lm):
     assert metadata["params"] == causal_lm.backbone.count_params()
     assert causal_lm.instruction_tuned is metadata["instruction_tuned"] is False
     with open(os.path.join(DIRECTORY, "metrics.json")) as f:
-        metrics = json.load(f)
+        metrics = json.load(f)["metrics"]
     # The model card's claim: it beats a unigram model on held-out text.
     assert metrics["model"]["perplexity"] < metrics["unigram"]["perplexity"]
 
