@@ -328,24 +328,10 @@ def test_wrapped_and_prefixed_state_dicts(params, tmp_path):
 
 
 def test_huggingface_reference_logits_match_ours(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    hf_config = transformers.RecurrentGemmaConfig(
-        num_hidden_layers=len(CONFIG["block_types"]),
-        vocab_size=CONFIG["vocabulary_size"],
-        hidden_size=CONFIG["hidden_dim"],
-        intermediate_size=2 * CONFIG["intermediate_dim"],
-        num_attention_heads=CONFIG["num_heads"],
-        num_key_value_heads=1,
-        lru_width=CONFIG["lru_width"],
-        attention_window_size=WINDOW,
-        block_types=CONFIG["block_types"],
-    )
-    model = transformers.RecurrentGemmaForCausalLM(hf_config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        # HF's init zeroes norms and biases, which would hide a swapped one.
-        for param in model.parameters():
-            param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    pytest.importorskip("transformers")
+    from tests.test_hf_parity import make_hf_model
+
+    model = make_hf_model(CONFIG, CONFIG["block_types"], seed=0)
     model.save_pretrained(tmp_path)
     # transformers 5.23 is a valid reference only inside the window (SPEC §6).
     ids = np.random.default_rng(5).integers(0, CONFIG["vocabulary_size"], (2, WINDOW))
