@@ -126,6 +126,7 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
 
     def load_backbone(self, cls, load_weights, **kwargs):
         from keras_recurrentgemma.convert import huggingface
+        from keras_recurrentgemma.convert import official
         from keras_recurrentgemma.convert import official_torch
         from keras_recurrentgemma.convert import orbax
 
@@ -137,17 +138,22 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
             )
             kwargs.setdefault("dtype", "float32")
             return cls(**{**config, **kwargs})
-        # The official formats carry no config: it is read off the tensors,
-        # so even `load_weights=False` reads them.
         if self.source_format == OFFICIAL_TORCH:
             path = official_torch.find_torch_checkpoint(self.directory)
-            backbone = official_torch.backbone_from_official_torch(path, **kwargs)
+            if load_weights:
+                return official_torch.backbone_from_official_torch(path, **kwargs)
+            state_dict = official_torch.read_torch_state_dict(path)
+            params = official_torch.params_from_torch_state_dict(state_dict)
         else:
             path = orbax.find_orbax_checkpoint(self.directory)
-            backbone = orbax.backbone_from_orbax(path, **kwargs)
-        if not load_weights:
-            backbone = cls.from_config(backbone.get_config())
-        return backbone
+            if load_weights:
+                return orbax.backbone_from_orbax(path, **kwargs)
+            params = orbax.read_orbax_params(path)
+        # The official formats carry no config: it is read off the tensor
+        # shapes, so even `load_weights=False` reads the file (but builds the
+        # model only once, with random weights).
+        dtype = kwargs.pop("dtype", None)
+        return cls(**official.config_from_official(params, **kwargs), dtype=dtype)
 
     def tokenizer_file(self):
         path = os.path.join(self.directory, TOKENIZER_FILE)
