@@ -8,6 +8,7 @@ from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
+from keras_recurrentgemma import lora
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.layers import BLOCK_TYPES
 from keras_recurrentgemma.layers import ResidualBlock
@@ -63,6 +64,12 @@ class RecurrentGemmaBackbone(Backbone):
         rope_max_wavelength: int. Defaults to `10000`.
         scan_implementation: str. RG-LRU scan implementation, see
             `keras_recurrentgemma.ops.rg_lru_scan`. Defaults to `"auto"`.
+        remat: bool. Rematerialise each residual block in training: only
+            block inputs are kept for the backward pass, so activation
+            memory per layer is `[batch, seq, hidden_dim]` instead of every
+            intermediate; costs about one extra forward pass. Use it for
+            long-sequence fine-tuning. Generation is unaffected. Defaults
+            to `False`.
         dtype: string or `keras.DTypePolicy`. Weights and compute dtype.
 
     Inputs:
@@ -105,6 +112,7 @@ class RecurrentGemmaBackbone(Backbone):
         layer_norm_epsilon=1e-6,
         rope_max_wavelength=10_000,
         scan_implementation="auto",
+        remat=False,
         dtype=None,
         **kwargs,
     ):
@@ -154,6 +162,7 @@ class RecurrentGemmaBackbone(Backbone):
                 rope_max_wavelength=rope_max_wavelength,
                 final_w_init_variance_scale=2.0 / num_layers,
                 scan_implementation=scan_implementation,
+                remat=remat,
                 dtype=dtype,
                 name=f"residual_block_{i}",
             )
@@ -199,6 +208,7 @@ class RecurrentGemmaBackbone(Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.rope_max_wavelength = rope_max_wavelength
         self.scan_implementation = scan_implementation
+        self.remat = bool(remat)
 
     def forward_with_caches(
         self, token_ids, segment_pos, caches=None, layer_intercept_fn=None
@@ -254,6 +264,81 @@ class RecurrentGemmaBackbone(Backbone):
     def call(self, inputs, *args, **kwargs):
         return super().call(_with_segment_pos(inputs), *args, **kwargs)
 
+    # --- LoRA ---------------------------------------------------------------
+
+    def default_lora_layer_names(self):
+        """Attention `proj_q`, `proj_v`; recurrent `linear_x`, `linear_y`.
+
+        Only those the model has: a Hawk (all recurrent) gets the last two.
+        """
+        present = lora.lora_layer_names(self)
+        return [name for name in lora.DEFAULT_LORA_TARGETS if name in present]
+
+    def enable_lora(self, rank, target_layer_names=None):
+        """Freezes the backbone and adds trainable rank-`rank` LoRA factors.
+
+        By default LoRA goes on the attention query and value projections
+        (`proj_q`, `proj_v`; the single key/value head is shared, so `proj_v`
+        is small) and on the recurrent block's two input projections
+        (`linear_x` into Conv1D → RG-LRU, `linear_y` into the gate). Only the
+        factors train: the targets' kernels and biases are frozen, and
+        saving the model (`save_to_preset`, `.keras`) merges the factors into
+        the kernels.
+
+        Args:
+            rank: int > 0. Rank of the factorisation.
+            target_layer_names: optional list of layer names, e.g.
+                `["proj_q", "proj_k", "proj_v", "ffw_up"]`. An unknown name is
+                an error listing the valid ones.
+        """
+        rank = lora.check_rank(rank)
+        if target_layer_names is None:
+            target_layer_names = self.default_lora_layer_names()
+        names = lora.check_target_names(self, target_layer_names)
+        if lora.enabled_layers(self):
+            raise ValueError(
+                f"LoRA is already enabled (rank {self._lora_rank} on "
+                f"{self._lora_target_layer_names}). Build or load a fresh model to "
+                "change it."
+            )
+        super().enable_lora(rank, target_layer_names=names)
+        self._lora_target_layer_names = names
+        lora.freeze_biases(self)
+
+    def save_lora_weights(self, filepath):
+        """Saves only the LoRA factors to `filepath` (ending `.lora.h5`)."""
+        lora.save_lora_weights(self, filepath)
+
+    def load_lora_weights(self, filepath):
+        """Loads LoRA factors saved by `save_lora_weights`.
+
+        Enables LoRA (with the file's rank and targets) if it is not on yet.
+        The file is checked against the model first, so a file from another
+        rank, architecture or size is an error naming it, and the model is
+        left unchanged.
+        """
+        lora.load_lora_weights(self, filepath)
+
+    # --- Distribution -------------------------------------------------------
+
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+    ):
+        """A `keras.distribution.LayoutMap` for `ModelParallel` (JAX).
+
+        See `keras_recurrentgemma.distribution.get_layout_map`.
+        """
+        from keras_recurrentgemma.distribution import get_layout_map
+
+        return get_layout_map(
+            device_mesh,
+            model_parallel_dim_name=model_parallel_dim_name,
+            data_parallel_dim_name=data_parallel_dim_name,
+        )
+
     presets = preset_loader.PresetsProperty()
 
     @classmethod
@@ -293,6 +378,7 @@ class RecurrentGemmaBackbone(Backbone):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "rope_max_wavelength": self.rope_max_wavelength,
                 "scan_implementation": self.scan_implementation,
+                "remat": self.remat,
             }
         )
         return config

@@ -55,6 +55,11 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
     with `<pad>` to `sequence_length`), `y` is `token_ids` shifted by one,
     and `sample_weight` masks padding.
 
+    `pack(documents)` packs several whole documents per row for `fit`, with
+    `segment_pos` restarting at each one so the recurrent state, the Conv1D
+    window and attention reset there; called on such an already tokenized
+    `x` (a dict with `token_ids`), the preprocessor passes it through.
+
     `generate_preprocess` packs prompts (with `<bos>`, without `<eos>`) into
     a right-padded `[batch, max_length]` buffer that generation fills in;
     unlike KerasHub's base class it refuses to truncate a prompt that does
@@ -73,6 +78,7 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
     ```python
     preprocessor = RecurrentGemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
     x, y, sample_weight = preprocessor(["The quick brown fox."])
+    x, y, sample_weight = preprocessor.pack(["A short one.", "And another."])
     prompt = preprocessor.generate_preprocess(["The quick"], sequence_length=32)
     ```
     """
@@ -94,6 +100,82 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
     def __init__(self, tokenizer, sequence_length=1024, **kwargs):
         _check_length(sequence_length, "sequence_length")
         super().__init__(tokenizer, sequence_length=sequence_length, **kwargs)
+
+    def call(self, x, y=None, sample_weight=None, sequence_length=None):
+        if isinstance(x, dict) and "token_ids" in x:
+            # Token ids already (e.g. from `pack`): nothing to tokenize, and
+            # their labels and weights come with them.
+            return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+        return super().call(
+            x, y=y, sample_weight=sample_weight, sequence_length=sequence_length
+        )
+
+    def pack(self, documents, sequence_length=None):
+        """Packs whole documents into `fit` rows, several per row.
+
+        Each document becomes `<bos> tokens <eos>` (as `add_start_token` and
+        `add_end_token` say). Documents fill rows of `sequence_length`
+        positions in order, a new row starting when the next one does not
+        fit. `segment_pos` counts from 0 in each document, so nothing
+        crosses a document boundary: not the RG-LRU state, the Conv1D
+        window, attention, nor a label (the last position of a document has
+        the document's own next token as its label, never the next
+        document's first). A document longer than a row is cut into
+        row-sized pieces, each starting afresh.
+
+        Args:
+            documents: list of str.
+            sequence_length: int. Row length; defaults to the
+                preprocessor's `sequence_length`.
+
+        Returns:
+            `(x, y, sample_weight)` as numpy arrays, `x` a dict of
+            `token_ids`, `padding_mask` and `segment_pos`, each
+            `[rows, sequence_length]`; pass them to `fit(x, y,
+            sample_weight=sample_weight, batch_size=...)`.
+        """
+        length = self.sequence_length if sequence_length is None else sequence_length
+        _check_length(length, "sequence_length")
+        if isinstance(documents, str):
+            documents = [documents]
+        documents = list(documents)
+        if not documents:
+            raise ValueError("`pack` got no documents.")
+        tokenizer = self.tokenizer
+        pieces = []
+        for ids in _as_lists(tokenizer(documents)):
+            tokens = (
+                [tokenizer.start_token_id] * self.add_start_token
+                + list(ids)
+                + [tokenizer.end_token_id] * self.add_end_token
+            )
+            # A piece of n tokens fills n - 1 positions: inputs tokens[:-1],
+            # labels tokens[1:]; consecutive pieces share one token.
+            for start in range(0, len(tokens) - 1, length):
+                pieces.append(tokens[start : start + length + 1])
+        rows = [[]]
+        for piece in pieces:
+            if sum(len(p) - 1 for p in rows[-1]) + len(piece) - 1 > length:
+                rows.append([])
+            rows[-1].append(piece)
+        if not rows[-1]:
+            raise ValueError("`pack`: the documents hold no tokens to train on.")
+        shape = (len(rows), length)
+        token_ids = np.full(shape, tokenizer.pad_token_id, "int32")
+        labels = np.full(shape, tokenizer.pad_token_id, "int32")
+        segment_pos = np.zeros(shape, "int32")
+        mask = np.zeros(shape, "int32")
+        for r, row in enumerate(rows):
+            at = 0
+            for piece in row:
+                n = len(piece) - 1
+                token_ids[r, at : at + n] = piece[:-1]
+                labels[r, at : at + n] = piece[1:]
+                segment_pos[r, at : at + n] = np.arange(n)
+                mask[r, at : at + n] = 1
+                at += n
+        x = {"token_ids": token_ids, "padding_mask": mask, "segment_pos": segment_pos}
+        return x, labels, mask.astype("float32")
 
     def generate_preprocess(self, x, sequence_length=None):
         if sequence_length is None:
@@ -138,6 +220,17 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
             add_end_value=False,
         )
         return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def _as_lists(token_ids):
+    """A tokenizer's batch output (ragged, dense or lists) as lists of ints."""
+    if hasattr(token_ids, "to_list"):  # tf.RaggedTensor
+        return token_ids.to_list()
+    if hasattr(token_ids, "numpy"):
+        token_ids = token_ids.numpy()
+    if isinstance(token_ids, np.ndarray):
+        return token_ids.tolist()
+    return [list(row) for row in token_ids]
 
 
 def _check_length(value, name):

@@ -87,8 +87,24 @@ def detect_format(directory):
     )
 
 
+# Backbone arguments that change how the model runs, not what it computes,
+# so a task's `from_preset` accepts them too (KerasHub forwards only `dtype`).
+RUNTIME_BACKBONE_ARGS = ("remat", "scan_implementation")
+
+
+def _split_backbone_kwargs(loader_cls, loader, kwargs):
+    backbone_kwargs, kwargs = super(loader_cls, loader).get_backbone_kwargs(**kwargs)
+    for name in RUNTIME_BACKBONE_ARGS:
+        if name in kwargs:
+            backbone_kwargs[name] = kwargs.pop(name)
+    return backbone_kwargs, kwargs
+
+
 class KerasFormatLoader(preset_utils.KerasPresetLoader):
     """KerasHub's loader, with errors that name the weights file."""
+
+    def get_backbone_kwargs(self, **kwargs):
+        return _split_backbone_kwargs(KerasFormatLoader, self, kwargs)
 
     def _load_backbone_weights(self, backbone):
         try:
@@ -118,6 +134,9 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
         self.directory = directory
         self.source_format = source_format
         self.task_defaults = dict(task_defaults or {})
+
+    def get_backbone_kwargs(self, **kwargs):
+        return _split_backbone_kwargs(ConvertedPresetLoader, self, kwargs)
 
     def check_backbone_class(self):
         from keras_recurrentgemma.backbone import RecurrentGemmaBackbone

@@ -32,6 +32,10 @@ class ResidualBlock(keras.layers.Layer):
         rope_max_wavelength: int. RoPE longest wavelength.
         final_w_init_variance_scale: float. Init scale of output projections.
         scan_implementation: str. See `rg_lru_scan`.
+        remat: bool. Rematerialise the block in training: keep only its
+            input for the backward pass and recompute the rest, trading one
+            extra forward pass for activation memory that no longer grows
+            with the block's internals. Defaults to `False`.
 
     Call arguments:
         x: float tensor `[b, t, d]`.
@@ -58,9 +62,11 @@ class ResidualBlock(keras.layers.Layer):
         rope_max_wavelength=10_000,
         final_w_init_variance_scale=1.0,
         scan_implementation="auto",
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.remat = bool(remat)
         if block_type not in BLOCK_TYPES:
             raise ValueError(
                 f"Unknown block_type {block_type!r}; expected one of {BLOCK_TYPES}."
@@ -128,6 +134,15 @@ class ResidualBlock(keras.layers.Layer):
         return self.temporal_block.initial_cache(batch_size)
 
     def call(self, x, segment_pos, cache=None):
+        # Generation (a cache in) keeps no activations for a backward pass,
+        # so only cache-free calls, i.e. training passes, are rematerialised.
+        # `segment_pos` is closed over: TF's `recompute_grad` takes only
+        # positional float tensors (it warns on an int one).
+        if self.remat and cache is None:
+            return keras.remat(lambda x: self._forward(x, segment_pos))(x)
+        return self._forward(x, segment_pos, cache)
+
+    def _forward(self, x, segment_pos, cache=None):
         h, cache = self.temporal_block(self.temporal_pre_norm(x), segment_pos, cache)
         r = h + x
         return self.mlp_block(self.channel_pre_norm(r)) + r, cache
@@ -149,4 +164,5 @@ class ResidualBlock(keras.layers.Layer):
             "rope_max_wavelength": self.rope_max_wavelength,
             "final_w_init_variance_scale": self.final_w_init_variance_scale,
             "scan_implementation": self.scan_implementation,
+            "remat": self.remat,
         }
