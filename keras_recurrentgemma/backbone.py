@@ -14,6 +14,8 @@ from keras_recurrentgemma.layers import BLOCK_TYPES
 from keras_recurrentgemma.layers import ResidualBlock
 from keras_recurrentgemma.layers import RMSNormalization
 from keras_recurrentgemma.layers import SegmentPositions
+from keras_recurrentgemma.layers.dense import check_quantization_mode
+from keras_recurrentgemma.layers.dense import quantizable_layers
 
 
 def embedding_normalizer(hidden_dim):
@@ -318,6 +320,20 @@ class RecurrentGemmaBackbone(Backbone):
         left unchanged.
         """
         lora.load_lora_weights(self, filepath)
+
+    # --- Quantization -------------------------------------------------------
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the projections and the tied embedding in place.
+
+        The RG-LRU gates, `a_param`, the Conv1D and the norms stay in float.
+        Quantize the causal LM instead when you have one: it also drops its
+        compiled `generate`. See `RecurrentGemmaCausalLM.quantize`.
+        """
+        check_quantization_mode(mode, config)
+        kwargs["type_check"] = False
+        filters = quantizable_layers(filters, mode)
+        super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # --- Distribution -------------------------------------------------------
 

@@ -18,6 +18,8 @@ from keras_recurrentgemma.causal_lm_preprocessor import (
     RecurrentGemmaCausalLMPreprocessor,
 )
 from keras_recurrentgemma.chat import format_chat
+from keras_recurrentgemma.layers.dense import check_quantization_mode
+from keras_recurrentgemma.layers.dense import quantizable_layers
 from keras_recurrentgemma.tokenizer import END_OF_TURN
 from keras_recurrentgemma.utils.checks import check_in_range
 from keras_recurrentgemma.utils.checks import check_token_ids
@@ -231,12 +233,23 @@ class RecurrentGemmaCausalLM(CausalLM):
         sampler="greedy",
         **kwargs,
     ):
+        """Configures training and generation.
+
+        As KerasHub's `CausalLM.compile`, except that `loss="auto"` averages
+        the cross-entropy over real tokens only (`sample_weight` masks
+        padding), so the reported loss does not depend on how much padding
+        `sequence_length` adds.
+        """
         if isinstance(sampler, str) and sampler not in SAMPLERS:
             raise ValueError(
                 f"Unknown sampler {sampler!r}; use one of {list(SAMPLERS)} or "
                 "a `keras_hub.samplers.Sampler` instance."
             )
         get_sampler(sampler)  # fails here, not at the first `generate`
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="mean_with_sample_weight"
+            )
         self._generate_jit_compile = kwargs.get("jit_compile", "auto") is not False
         super().compile(
             optimizer=optimizer,
@@ -245,6 +258,38 @@ class RecurrentGemmaCausalLM(CausalLM):
             sampler=sampler,
             **kwargs,
         )
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the projections and the tied embedding in place.
+
+        Touches the `Dense` projections (attention, recurrent block, MLP)
+        and the token embedding, whose int8 copy also produces the
+        soft-capped logits. The RG-LRU gates, `a_param`, the Conv1D and the
+        norms stay in float: they are small, and the recurrence is
+        sensitive to them. `generate` recompiles on its next call. A
+        quantized model saves and loads like any other (`save_to_preset`,
+        `.keras`).
+
+        Args:
+            mode: str. `"int8"`; also `"int4"`, or `"float8"` (which Keras
+                has for `Dense` only, so the embedding stays in float).
+            config: optional `keras.quantizers.QuantizationConfig`.
+            filters: optional regex, list of regexes or callable, as in
+                `keras.Model.quantize`; it narrows the layers above, never
+                widens them.
+
+        Raises:
+            ValueError: for an unknown mode, `"gptq"` or `"awq"`, or a model
+                already quantized.
+        """
+        check_quantization_mode(mode, config)
+        # The filter keeps Keras away from the preprocessor's tokenizer
+        # (never built: Keras would stop there) and from every layer it has
+        # no integer kernel for. It checks exact types itself, so Keras's
+        # check, which refuses KerasHub's embedding subclass, is turned off.
+        kwargs["type_check"] = False
+        filters = quantizable_layers(filters, mode)
+        super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # --- The cache ----------------------------------------------------------
 

@@ -93,24 +93,26 @@ def test_packed_loss_is_the_loss_of_each_document_alone():
     packed, *_ = lm.evaluate(
         x, y, sample_weight=sample_weight, batch_size=len(y), verbose=0
     )
-    # The same tokens, one document per row, no packing.
+    # The same tokens, one document per row (right-padded), no packing.
+    segments = [
+        segment for row in range(len(y)) for segment in split_segments(x, y, row)
+    ]
+    width = max(len(inputs) for inputs, _ in segments)
+    token_ids = np.zeros((len(segments), width), "int32")
+    padding_mask = np.zeros((len(segments), width), "int32")
+    for i, (inputs, _) in enumerate(segments):
+        token_ids[i, : len(inputs)] = inputs
+        padding_mask[i, : len(inputs)] = 1
+    logits = to_numpy(lm({"token_ids": token_ids, "padding_mask": padding_mask}))
     total, count = 0.0, 0
-    for row in range(len(y)):
-        for inputs, labels in split_segments(x, y, row):
-            logits = to_numpy(
-                lm(
-                    {
-                        "token_ids": inputs[None],
-                        "padding_mask": np.ones((1, len(inputs)), "int32"),
-                    }
-                )
-            )[0].astype("float64")
-            log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
-            log_p = logits - logits.max(-1, keepdims=True) - log_z[:, None]
-            total += -log_p[np.arange(len(labels)), labels].sum()
-            count += len(labels)
-    # Keras averages the weighted loss over every position of the batch.
-    np.testing.assert_allclose(packed, total / y.size, rtol=1e-5)
+    for row_logits, (_, labels) in zip(logits.astype("float64"), segments, strict=True):
+        row_logits = row_logits[: len(labels)]
+        shifted = row_logits - row_logits.max(-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        total += -log_p[np.arange(len(labels)), labels].sum()
+        count += len(labels)
+    # `compile`'s default loss averages over real (weighted) tokens only.
+    np.testing.assert_allclose(packed, total / count, rtol=1e-5)
 
 
 def test_fit_on_packed_rows_lowers_the_loss():

@@ -1,6 +1,31 @@
-"""The one way our layers make a `keras.layers.Dense`."""
+"""The one way our layers make a `keras.layers.Dense`; which layers
+`quantize` may touch."""
+
+import re
 
 import keras
+from keras_hub.layers import ReversibleEmbedding
+
+# Keras has integer kernels for exactly these classes and refuses subclasses
+# (their `call` could read the float kernel). KerasHub's `ReversibleEmbedding`
+# is an empty subclass of Keras's, refused only by that type check, so it is
+# listed here and the check is done by `quantizable_layers` instead. The
+# RG-LRU gates (`BlockDiagonalLinear`), `a_param`, `Conv1D` and the norms are
+# not in the list: they stay in float.
+QUANTIZABLE_TYPES = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Embedding,
+    keras.layers.ReversibleEmbedding,
+    ReversibleEmbedding,
+)
+EMBEDDING_TYPES = QUANTIZABLE_TYPES[2:]
+# Keras quantizes embeddings in these modes only.
+EMBEDDING_MODES = ("int8", "int4")
+# Modes that quantize each layer on its own. GPTQ and AWQ also need
+# calibration data and a block structure that this model does not describe;
+# Keras would rewrite the layers before finding that out.
+LAYERWISE_MODES = ("int8", "int4", "float8")
 
 
 def fan_in_dense(units, name, dtype, use_bias=True, scale=1.0):
@@ -18,3 +43,44 @@ def fan_in_dense(units, name, dtype, use_bias=True, scale=1.0):
         dtype=dtype,
         name=name,
     )
+
+
+def quantizable_layers(filters=None, mode=None):
+    """A `filters` callable for `keras.Model.quantize` with `type_check=False`.
+
+    Selects layers whose exact type is in `QUANTIZABLE_TYPES` (embeddings
+    only in `EMBEDDING_MODES`) and that also match `filters`, given as
+    `Model.quantize` takes it: a regex searched in the layer's name, a list
+    of them (any may match), or a callable.
+    """
+    # Keras's own check of `filters` only ever sees the callable returned.
+    if filters is not None and not isinstance(filters, (str, list, tuple)):
+        if not callable(filters):
+            raise ValueError(
+                "`filters` must be a regex string, a list of regex strings or a "
+                f"callable; got {type(filters).__name__}."
+            )
+    patterns = [filters] if isinstance(filters, str) else filters
+
+    def accept(layer):
+        if type(layer) not in QUANTIZABLE_TYPES:
+            return False
+        if type(layer) in EMBEDDING_TYPES and mode not in EMBEDDING_MODES:
+            return False
+        if filters is None:
+            return True
+        if callable(filters):
+            return bool(filters(layer))
+        return any(re.search(p, layer.name) for p in patterns)
+
+    return accept
+
+
+def check_quantization_mode(mode, config=None):
+    """Raises `ValueError` for a mode this model cannot be quantized in."""
+    resolved = getattr(config, "mode", None) if mode is None else mode
+    if resolved in ("gptq", "awq"):
+        raise ValueError(
+            f"quantize(mode={resolved!r}) is not supported for RecurrentGemma; "
+            f"use one of {LAYERWISE_MODES}."
+        )
