@@ -153,11 +153,13 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
             # labels tokens[1:]; consecutive pieces share one token.
             for start in range(0, len(tokens) - 1, length):
                 pieces.append(tokens[start : start + length + 1])
-        rows = [[]]
+        rows, used = [[]], 0
         for piece in pieces:
-            if sum(len(p) - 1 for p in rows[-1]) + len(piece) - 1 > length:
+            if used + len(piece) - 1 > length:
                 rows.append([])
+                used = 0
             rows[-1].append(piece)
+            used += len(piece) - 1
         if not rows[-1]:
             raise ValueError("`pack`: the documents hold no tokens to train on.")
         shape = (len(rows), length)

@@ -68,19 +68,27 @@ def backbone_config(name):
     return dict(PRESETS[f"recurrentgemma_{name}_en"]["metadata"]["config"])
 
 
+def random_batch(vocabulary_size, batch_size, seq_len):
+    """Seeded `(x, y)`: random non-special token ids, no padding."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shape = (batch_size, seq_len)
+    x = {
+        "token_ids": rng.integers(3, vocabulary_size, shape, dtype="int32"),
+        "padding_mask": np.ones(shape, "int32"),
+    }
+    return x, rng.integers(3, vocabulary_size, shape, dtype="int32")
+
+
 def step_memory(causal_lm, batch_size, seq_len, execute):
     """Memory of `causal_lm`'s compiled train step on one batch."""
     import jax
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    vocab = causal_lm.backbone.vocabulary_size
-    x = {
-        "token_ids": rng.integers(3, vocab, (batch_size, seq_len), dtype="int32"),
-        "padding_mask": np.ones((batch_size, seq_len), "int32"),
-        "segment_pos": np.tile(np.arange(seq_len, dtype="int32"), (batch_size, 1)),
-    }
-    y = rng.integers(3, vocab, (batch_size, seq_len), dtype="int32")
+    x, y = random_batch(causal_lm.backbone.vocabulary_size, batch_size, seq_len)
+    # Explicit, so the traced step has the same inputs `pack` gives `fit`.
+    x["segment_pos"] = np.tile(np.arange(seq_len, dtype="int32"), (batch_size, 1))
     sample_weight = np.ones((batch_size, seq_len), "float32")
     data = (x, y, sample_weight)
     state = causal_lm._get_jax_state(
@@ -143,13 +151,7 @@ def measure_rss(args):
     keras.utils.set_random_seed(0)
     causal_lm = build(args, remat=bool(args.child_remat))
     seq_len = args.child_seq_len
-    rng = np.random.default_rng(0)
-    vocab = causal_lm.backbone.vocabulary_size
-    x = {
-        "token_ids": rng.integers(3, vocab, (args.batch_size, seq_len), "int32"),
-        "padding_mask": np.ones((args.batch_size, seq_len), "int32"),
-    }
-    y = rng.integers(3, vocab, (args.batch_size, seq_len), "int32")
+    x, y = random_batch(causal_lm.backbone.vocabulary_size, args.batch_size, seq_len)
     before = _rss_bytes()
     start = time.perf_counter()
     loss = causal_lm.train_on_batch(x, y)
