@@ -5,7 +5,6 @@ import math
 import keras
 import ml_dtypes
 from keras import ops
-from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
 from keras_recurrentgemma import lora
@@ -16,6 +15,7 @@ from keras_recurrentgemma.layers import RMSNormalization
 from keras_recurrentgemma.layers import SegmentPositions
 from keras_recurrentgemma.layers.dense import check_quantization_mode
 from keras_recurrentgemma.layers.dense import quantizable_layers
+from keras_recurrentgemma.layers.embedding import ReversibleEmbedding
 
 
 def embedding_normalizer(hidden_dim):

@@ -5,6 +5,7 @@ from keras_recurrentgemma.layers.mlp import MLPBlock
 from keras_recurrentgemma.layers.recurrent_block import RecurrentBlock
 from keras_recurrentgemma.layers.residual_block import BLOCK_TYPES
 from keras_recurrentgemma.layers.residual_block import ResidualBlock
+from keras_recurrentgemma.layers.residual_block import residual_stream_dtype
 from keras_recurrentgemma.layers.rg_lru import RGLRU
 from keras_recurrentgemma.layers.rms_normalization import RMSNormalization
 from keras_recurrentgemma.layers.segment_positions import SegmentPositions

@@ -6,11 +6,15 @@ import re
 import keras
 from keras_hub.layers import ReversibleEmbedding
 
+from keras_recurrentgemma.layers import embedding
+
 # Keras has integer kernels for exactly these classes and refuses subclasses
 # (their `call` could read the float kernel). KerasHub's `ReversibleEmbedding`
 # is an empty subclass of Keras's, refused only by that type check, so it is
-# listed here and the check is done by `quantizable_layers` instead. The
-# RG-LRU gates (`BlockDiagonalLinear`), `a_param`, `Conv1D` and the norms are
+# listed here and the check is done by `quantizable_layers` instead. So is our
+# `embedding.ReversibleEmbedding`, which changes only the float reverse call
+# (a quantized layer runs Keras's `quantized_call`, never `call`). The RG-LRU
+# gates (`BlockDiagonalLinear`), `a_param`, `Conv1D` and the norms are
 # not in the list: they stay in float.
 QUANTIZABLE_TYPES = (
     keras.layers.Dense,
@@ -18,6 +22,7 @@ QUANTIZABLE_TYPES = (
     keras.layers.Embedding,
     keras.layers.ReversibleEmbedding,
     ReversibleEmbedding,
+    embedding.ReversibleEmbedding,
 )
 EMBEDDING_TYPES = QUANTIZABLE_TYPES[2:]
 # Keras quantizes embeddings in these modes only.

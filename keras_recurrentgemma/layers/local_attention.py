@@ -200,7 +200,9 @@ class LocalAttentionBlock(keras.layers.Layer):
             )
             mask = ops.concatenate([cached, mask], axis=-1)
 
-        logits = ops.einsum("btnk,bsk->bnts", q, keys) * (self.head_dim**-0.5)
+        # Scaled before the product, which could overflow in float16.
+        q = q * ops.cast(self.head_dim**-0.5, q.dtype)
+        logits = ops.einsum("btnk,bsk->bnts", q, keys)
         logits = ops.where(mask[:, None], ops.cast(logits, "float32"), _MIN_LOGIT)
         probs = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
         o = ops.einsum("bnts,bsk->btnk", probs, values)

@@ -62,7 +62,10 @@ class RecurrentBlock(keras.layers.Layer):
         scan_implementation="auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        # Not autocast: Keras would round the float32 RG-LRU state in `cache`
+        # to a bfloat16/float16 compute dtype at every generation step.
+        kwargs.pop("autocast", None)
+        super().__init__(autocast=False, **kwargs)
         self.hidden_dim = hidden_dim
         self.lru_width = lru_width
         self.num_heads = num_heads

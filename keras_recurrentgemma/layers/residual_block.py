@@ -1,6 +1,7 @@
 """Pre-norm residual block: temporal mixing, then the MLP."""
 
 import keras
+from keras import ops
 
 from keras_recurrentgemma.layers.local_attention import LocalAttentionBlock
 from keras_recurrentgemma.layers.mlp import MLPBlock
@@ -10,12 +11,26 @@ from keras_recurrentgemma.layers.rms_normalization import RMSNormalization
 BLOCK_TYPES = ("recurrent", "attention")
 
 
+def residual_stream_dtype(compute_dtype):
+    """The dtype the residual stream is summed in.
+
+    float32 under a float16 policy: Gemma-family residual streams grow past
+    float16's 65504 (keras-hub #2424, blank output under `mixed_float16`),
+    and summing in float32 costs one cast per block. bfloat16 has float32's
+    range, so it is kept as it is.
+    """
+    return "float32" if compute_dtype == "float16" else compute_dtype
+
+
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
 class ResidualBlock(keras.layers.Layer):
     """One Griffin layer.
 
         r = temporal_block(RMSNorm(x)) + x
         y = mlp_block(RMSNorm(r)) + r
+
+    The sums `r` and `y` are in `residual_stream_dtype(compute_dtype)`:
+    float32 under a float16 policy, else the compute dtype.
 
     `temporal_block` is a `RecurrentBlock` (`block_type="recurrent"`) or a
     `LocalAttentionBlock` (`block_type="attention"`).
@@ -65,7 +80,10 @@ class ResidualBlock(keras.layers.Layer):
         remat=False,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        # Not autocast: the residual stream may be float32 under a float16
+        # policy, and the RG-LRU state in `cache` is float32 always.
+        kwargs.pop("autocast", None)
+        super().__init__(autocast=False, **kwargs)
         self.remat = bool(remat)
         if block_type not in BLOCK_TYPES:
             raise ValueError(
@@ -142,13 +160,21 @@ class ResidualBlock(keras.layers.Layer):
             return keras.remat(lambda x: self._forward(x, segment_pos))(x)
         return self._forward(x, segment_pos, cache)
 
+    @property
+    def residual_dtype(self):
+        return residual_stream_dtype(self.compute_dtype)
+
     def _forward(self, x, segment_pos, cache=None):
+        dtype = self.residual_dtype
+        x = ops.cast(x, dtype)
         h, cache = self.temporal_block(self.temporal_pre_norm(x), segment_pos, cache)
-        r = h + x
-        return self.mlp_block(self.channel_pre_norm(r)) + r, cache
+        r = ops.cast(h, dtype) + x
+        y = ops.cast(self.mlp_block(self.channel_pre_norm(r)), dtype) + r
+        return y, cache
 
     def compute_output_spec(self, x, segment_pos, cache=None):
-        return self.temporal_block.compute_output_spec(x, segment_pos, cache)
+        _, cache_spec = self.temporal_block.compute_output_spec(x, segment_pos, cache)
+        return keras.KerasTensor(x.shape, dtype=self.residual_dtype), cache_spec
 
     def get_config(self):
         return {

@@ -82,7 +82,9 @@ class RGLRU(keras.layers.Layer):
     """
 
     def __init__(self, num_heads, scan_implementation="auto", **kwargs):
-        super().__init__(**kwargs)
+        # Not autocast, so that `h0` arrives in float32 (see RecurrentBlock).
+        kwargs.pop("autocast", None)
+        super().__init__(autocast=False, **kwargs)
         self.num_heads = num_heads
         self.scan_implementation = scan_implementation
         self.input_gate = BlockDiagonalLinear(

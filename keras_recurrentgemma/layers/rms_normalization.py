@@ -11,7 +11,9 @@ class RMSNormalization(keras.layers.Layer):
         y = x / sqrt(mean(x², -1) + ε) ⊙ (1 + scale)
 
     The statistics are computed in float32 whatever the compute dtype, and
-    the result is cast back, so bfloat16 and float16 stay accurate.
+    the result is cast to the compute dtype, so bfloat16 and float16 stay
+    accurate and a float32 input larger than float16's range is normalised
+    before it is rounded.
 
     Args:
         epsilon: float. Added to the mean square. Defaults to `1e-6`.
@@ -24,7 +26,10 @@ class RMSNormalization(keras.layers.Layer):
     """
 
     def __init__(self, epsilon=1e-6, **kwargs):
-        super().__init__(**kwargs)
+        # Inputs are not autocast: a float32 residual stream (see
+        # `residual_stream_dtype`) would overflow if rounded to float16 here.
+        kwargs.pop("autocast", None)
+        super().__init__(autocast=False, **kwargs)
         self.epsilon = epsilon
 
     def build(self, input_shape):
