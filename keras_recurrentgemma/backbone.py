@@ -16,6 +16,7 @@ from keras_recurrentgemma.layers import SegmentPositions
 from keras_recurrentgemma.layers.dense import check_quantization_mode
 from keras_recurrentgemma.layers.dense import quantizable_layers
 from keras_recurrentgemma.layers.embedding import ReversibleEmbedding
+from keras_recurrentgemma.saving import atomic_preset_dir
 
 
 def embedding_normalizer(hidden_dim):
@@ -376,6 +377,20 @@ class RecurrentGemmaBackbone(Backbone):
                 weights file, or a failed download (saying what to do).
         """
         return preset_loader.load_backbone(cls, preset, load_weights, **kwargs)
+
+    def save_to_preset(self, preset_dir, max_shard_size=10):
+        """Saves the backbone as a Keras preset; see `keras_hub`'s.
+
+        Written to a temporary directory that then replaces `preset_dir`, so
+        an interrupted save leaves the previous preset as it was. Files that
+        are not part of a preset (a README, a LoRA file) are kept.
+
+        Raises:
+            ValueError: if `preset_dir` is a file or a non-empty directory
+                holding no preset.
+        """
+        with atomic_preset_dir(preset_dir) as staging:
+            super().save_to_preset(staging, max_shard_size=max_shard_size)
 
     def get_config(self):
         config = super().get_config()

@@ -19,9 +19,7 @@ loadable with `RecurrentGemmaCausalLM.from_preset(OUTPUT)` on every backend.
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 FORMATS = ("auto", "huggingface", "orbax", "official_torch")
 # Relative logit error allowed by `--check`. float32: two implementations of
@@ -135,21 +133,11 @@ def check(causal_lm, loader):
 
 
 def save(causal_lm, output, overwrite):
-    """Writes the preset to a temporary sibling first: no half-written OUTPUT."""
+    """Saves the preset; `save_to_preset` never leaves a half-written OUTPUT."""
     output = os.path.abspath(output)
     if os.path.exists(output) and os.listdir(output) and not overwrite:
         raise ValueError(f"{output} exists and is not empty; pass --overwrite.")
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".convert-", dir=parent)
-    try:
-        causal_lm.save_to_preset(staging)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    causal_lm.save_to_preset(output)
     print(f"Saved Keras preset to {output}", file=sys.stderr)
 
 
