@@ -28,6 +28,12 @@ import pytest
 
 from tests.tolerances import SELF_CONSISTENCY
 
+# The examples call library code that the other test files check on every
+# backend; what is new here is the scripts and notebooks themselves. They
+# cost 3 min of XLA compilation per backend on JAX and TensorFlow (2 cores),
+# so they run on torch by default and on every backend with `--run_large`.
+pytestmark = [] if keras.config.backend() == "torch" else [pytest.mark.large]
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 NOTEBOOKS = ("generate", "lora_finetune")
