@@ -1,5 +1,7 @@
 """Turns strings into RecurrentGemma training batches and generation prompts."""
 
+import numbers
+
 import keras
 import numpy as np
 from keras_hub.models import CausalLMPreprocessor
@@ -106,6 +108,10 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
             # Token ids already (e.g. from `pack`): nothing to tokenize, and
             # their labels and weights come with them.
             return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+        _check_length(sequence_length, "sequence_length")
+        # KerasHub would pack an empty batch as one unbatched empty example.
+        if _is_empty_batch(x):
+            raise ValueError("The preprocessor got an empty batch of strings.")
         return super().call(
             x, y=y, sample_weight=sample_weight, sequence_length=sequence_length
         )
@@ -183,9 +189,7 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
         if sequence_length is None:
             sequence_length = self.sequence_length
         _check_length(sequence_length, "max_length")
-        if isinstance(x, (list, tuple)) and len(x) == 0:
-            raise ValueError("`generate` got an empty list of prompts.")
-        if hasattr(x, "shape") and len(x.shape) >= 1 and x.shape[0] == 0:
+        if _is_empty_batch(x):
             raise ValueError("`generate` got an empty batch of prompts.")
         token_ids = self.tokenizer(x)
         lengths = _row_lengths(token_ids)
@@ -236,8 +240,22 @@ def _as_lists(token_ids):
 
 
 def _check_length(value, name):
-    if value is not None and int(value) <= 0:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"`{name}` must be a positive int; got {value!r} ({type(value).__name__})."
+        )
+    if value <= 0:
         raise ValueError(f"`{name}` must be a positive int; got {value}.")
+
+
+def _is_empty_batch(x):
+    """True for a batch of no strings: `[]`, or an array of shape `[0]`."""
+    if isinstance(x, (list, tuple)):
+        return len(x) == 0
+    shape = getattr(x, "shape", None)
+    return shape is not None and len(shape) >= 1 and shape[0] == 0
 
 
 def _graph_check(assertion):

@@ -14,11 +14,22 @@ goes through `get_preset_loader(preset)`, which accepts:
 
 Keras presets load with KerasHub's own loader; the other formats are
 converted on load by `ConvertedPresetLoader`. Loading is all or nothing: a
-bad file is a `ValueError` that names it, never a half-loaded model.
+bad file is a `ValueError` that names it (a missing weights file a
+`FileNotFoundError`), never a half-loaded model.
+
+Loading never runs code from a file: configs are JSON deserialized in
+Keras's safe mode, weights are HDF5 (`.h5`), safetensors, Orbax, or
+PyTorch files read with `torch.load(weights_only=True)`.
 """
 
+import contextlib
 import os
 
+import keras
+
+# Keras exports no way to force safe mode over a user's
+# `enable_unsafe_deserialization()`; its `SafeModeScope` does.
+from keras.src.saving import serialization_lib
 from keras_hub.src.utils import preset_utils
 
 from keras_recurrentgemma import downloads
@@ -100,15 +111,137 @@ def _split_backbone_kwargs(loader_cls, loader, kwargs):
     return backbone_kwargs, kwargs
 
 
+def read_serialized_object(directory, filename):
+    """Reads a preset's JSON for one Keras object (`task.json`, ...).
+
+    Raises:
+        ValueError: naming the file, if it is not JSON or not the object
+            `save_to_preset` writes (`registered_name` and `config`).
+    """
+    from keras_recurrentgemma.convert import common
+
+    path = os.path.join(directory, filename)
+    config = common.read_json_object(path)
+    if not isinstance(config.get("registered_name"), str) or not isinstance(
+        config.get("config"), dict
+    ):
+        raise ValueError(
+            f"{path}: not a serialized Keras object; it needs a string "
+            "`registered_name` and a `config` object, as `save_to_preset` writes."
+        )
+    return config
+
+
+def check_serialized_backbone(config, path):
+    """`check_backbone_config` on a serialized backbone, naming `path`.
+
+    A dtype given as a policy name is replaced by the serialized policy that
+    KerasHub's loader expects.
+    """
+    from keras_recurrentgemma.utils.checks import check_backbone_config
+
+    arguments = config["config"]
+    try:
+        check_backbone_config(arguments)
+        if isinstance(arguments.get("dtype"), str):
+            arguments["dtype"] = keras.dtype_policies.serialize(
+                keras.dtype_policies.get(arguments["dtype"])
+            )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
 class KerasFormatLoader(preset_utils.KerasPresetLoader):
-    """KerasHub's loader, with errors that name the weights file."""
+    """KerasHub's loader, with errors that name the file at fault.
+
+    Every JSON file is checked before anything is built from it, and is
+    deserialized in Keras's safe mode even if the user turned it off with
+    `keras.config.enable_unsafe_deserialization()`: a preset is data, and
+    none of this library's classes needs a lambda or arbitrary import to
+    load, so a file asking for one is refused, never executed.
+    """
+
+    def __init__(self, preset, config):
+        super().__init__(preset, config)
+        self._reading = preset_utils.CONFIG_FILE
+
+    @contextlib.contextmanager
+    def _reading_file(self, filename):
+        previous, self._reading = self._reading, filename
+        try:
+            yield
+        finally:
+            self._reading = previous
 
     def get_backbone_kwargs(self, **kwargs):
         return _split_backbone_kwargs(KerasFormatLoader, self, kwargs)
 
+    def load_backbone(self, cls, load_weights, **kwargs):
+        path = os.path.join(self.preset, preset_utils.CONFIG_FILE)
+        check_serialized_backbone(self.config, path)
+        with self._reading_file(preset_utils.CONFIG_FILE):
+            return super().load_backbone(cls, load_weights, **kwargs)
+
+    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        # Without a task.json KerasHub builds the task from config.json and
+        # preprocessor.json, which `load_backbone` and `load_preprocessor`
+        # check.
+        filename = preset_utils.TASK_CONFIG_FILE
+        path = os.path.join(self.preset, filename)
+        if os.path.isfile(path):
+            task = read_serialized_object(self.preset, filename)
+            backbone = task["config"].get("backbone")
+            if isinstance(backbone, dict) and isinstance(backbone.get("config"), dict):
+                check_serialized_backbone(backbone, path)
+            check_serialized_backbone(
+                self.config, os.path.join(self.preset, preset_utils.CONFIG_FILE)
+            )
+        with self._reading_file(filename):
+            return super().load_task(cls, load_weights, load_task_weights, **kwargs)
+
+    def load_tokenizer(
+        self, cls, config_file=preset_utils.TOKENIZER_CONFIG_FILE, **kwargs
+    ):
+        # A missing file is KerasHub's FileNotFoundError, naming it.
+        if os.path.isfile(os.path.join(self.preset, config_file)):
+            read_serialized_object(self.preset, config_file)
+        with self._reading_file(config_file):
+            return super().load_tokenizer(cls, config_file, **kwargs)
+
+    def load_preprocessor(
+        self, cls, config_file=preset_utils.PREPROCESSOR_CONFIG_FILE, **kwargs
+    ):
+        if os.path.isfile(os.path.join(self.preset, config_file)):
+            read_serialized_object(self.preset, config_file)
+        with self._reading_file(config_file):
+            return super().load_preprocessor(cls, config_file, **kwargs)
+
+    def _load_serialized_object(self, config, **kwargs):
+        path = os.path.join(self.preset, self._reading)
+        try:
+            with serialization_lib.SafeModeScope(True):
+                return super()._load_serialized_object(config, **kwargs)
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as e:
+            raise ValueError(
+                f"{path}: cannot build `{config.get('class_name')}` from it with "
+                f"the given arguments ({type(e).__name__}: {e})"
+            ) from e
+
     def _load_backbone_weights(self, backbone):
+        names = (
+            preset_utils.MODEL_WEIGHTS_FILE,
+            preset_utils.SHARDED_MODEL_WEIGHTS_CONFIG_FILE,
+        )
+        if not any(os.path.isfile(os.path.join(self.preset, n)) for n in names):
+            raise FileNotFoundError(
+                f"{self.preset}: no `{names[0]}` (nor sharded `{names[1]}`); the "
+                "weights are missing. Pass `load_weights=False` for a model with "
+                "random weights."
+            )
         try:
             super()._load_backbone_weights(backbone)
+        except FileNotFoundError:
+            raise  # a missing shard: KerasHub's message names it
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"{self.preset}: cannot load `{preset_utils.MODEL_WEIGHTS_FILE}` "
@@ -152,9 +285,12 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
         if self.source_format == HUGGINGFACE:
             if load_weights:
                 return huggingface.backbone_from_huggingface(self.directory, **kwargs)
-            config = huggingface.config_from_huggingface(
-                huggingface.read_config(self.directory)
-            )
+            hf_config = huggingface.read_config(self.directory)
+            try:
+                config = huggingface.config_from_huggingface(hf_config)
+            except ValueError as e:
+                config_path = os.path.join(self.directory, huggingface.CONFIG_FILE)
+                raise ValueError(f"{config_path}: {e}") from e
             kwargs.setdefault("dtype", "float32")
             return cls(**{**config, **kwargs})
         if self.source_format == OFFICIAL_TORCH:
@@ -261,10 +397,7 @@ def get_preset_loader(preset):
 
     source_format = detect_format(directory)
     if source_format == KERAS:
-        from keras_recurrentgemma.convert import common
-
-        config_path = os.path.join(directory, preset_utils.CONFIG_FILE)
-        config = common.read_json_object(config_path)
+        config = read_serialized_object(directory, preset_utils.CONFIG_FILE)
         return KerasFormatLoader(directory, config)
     return ConvertedPresetLoader(preset, directory, source_format, task_defaults)
 

@@ -47,9 +47,56 @@ _HF_DEFAULTS = {
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
+# Fields that must be positive ints, and fields that must be numbers, when
+# set; the rest of `config_from_huggingface` relies on it.
+_POSITIVE_INT_KEYS = (
+    "num_hidden_layers",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "lru_width",
+    "attention_window_size",
+    "conv1d_width",
+    "num_key_value_heads",
+)
+_NUMBER_KEYS = (
+    "logits_soft_cap",
+    "rms_norm_eps",
+    "rope_theta",
+    "partial_rotary_factor",
+)
+
+
 def _get(hf_config, key):
     value = hf_config.get(key)
     return _HF_DEFAULTS[key] if value is None else value
+
+
+def _check_field_types(hf_config):
+    """Raises `ValueError` naming the first field of the wrong type or sign.
+
+    Without it, a string or a negative size fails far from the file, in
+    arithmetic here or in the layers.
+    """
+    for key in _POSITIVE_INT_KEYS:
+        value = hf_config.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0
+        ):
+            raise ValueError(f"config `{key}` must be a positive int; got {value!r}.")
+    rope = hf_config.get("rope_parameters")
+    if rope is not None and not isinstance(rope, dict):
+        raise ValueError(f"config `rope_parameters` must be an object; got {rope!r}.")
+    for key in _NUMBER_KEYS:
+        for where, value in (
+            (key, hf_config.get(key)),
+            (f"rope_parameters.{key}", (rope or {}).get(key)),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise ValueError(f"config `{where}` must be a number; got {value!r}.")
 
 
 def _rope_settings(hf_config):
@@ -71,11 +118,17 @@ def _rope_settings(hf_config):
 
 
 def _block_types(hf_config, num_layers):
-    patterns = {
-        key: list(hf_config[key])
-        for key in ("block_types", "_block_types")
-        if hf_config.get(key) is not None
-    }
+    patterns = {}
+    for key in ("block_types", "_block_types"):
+        value = hf_config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(
+                f"config `{key}` must be a list of 'recurrent' and 'attention'; "
+                f"got {value!r}."
+            )
+        patterns[key] = list(value)
     # Early hub configs stored the pattern as `_block_types`; both keys
     # naming different patterns leaves the architecture ambiguous.
     if len(patterns) == 2 and patterns["block_types"] != patterns["_block_types"]:
@@ -118,6 +171,8 @@ def config_from_huggingface(hf_config):
         raise ValueError(
             f"config `model_type` is {model_type!r}, expected {MODEL_TYPE!r}."
         )
+
+    _check_field_types(hf_config)
 
     def unsupported(key, value, expected):
         raise ValueError(

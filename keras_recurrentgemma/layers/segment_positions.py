@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_recurrentgemma.utils.checks import check_no_padding_gaps
 from keras_recurrentgemma.utils.checks import check_same_shape
 from keras_recurrentgemma.utils.checks import check_token_ids
 
@@ -15,7 +16,9 @@ class SegmentPositions(keras.layers.Layer):
 
     Position 0 starts a document: the RG-LRU state and the Conv1D window
     reset there, and attention does not cross it. Padding gets −1 and starts
-    nothing, so left-padded rows match the unpadded prompt.
+    nothing, so left-padded rows match the unpadded prompt. Padding between
+    two tokens of one document is refused (`ValueError`): the Conv1D window
+    would read the gap as zeros.
 
     Args:
         vocabulary_size: int. Token ids must lie in `[0, vocabulary_size)`.
@@ -44,8 +47,10 @@ class SegmentPositions(keras.layers.Layer):
             segment_pos = ops.cumsum(ops.cast(mask, "int32"), axis=1) - 1
         else:
             check_same_shape(token_ids, segment_pos, "token_ids", "segment_pos")
-        segment_pos = ops.cast(segment_pos, "int32")
-        return token_ids, ops.where(mask, segment_pos, -1)
+        segment_pos = ops.where(mask, ops.cast(segment_pos, "int32"), -1)
+        # Zeros when the check passes; added so graphs run the check first.
+        gaps = check_no_padding_gaps(segment_pos)
+        return token_ids, segment_pos + gaps[:, None]
 
     def compute_output_spec(self, token_ids, padding_mask, segment_pos=None):
         return (
