@@ -1,6 +1,8 @@
 """RecurrentGemma causal language model: fit, generate and score."""
 
 import math
+import numbers
+import warnings
 from typing import NamedTuple
 
 import keras
@@ -20,8 +22,11 @@ from keras_recurrentgemma.causal_lm_preprocessor import (
 from keras_recurrentgemma.chat import format_chat
 from keras_recurrentgemma.layers.dense import check_quantization_mode
 from keras_recurrentgemma.layers.dense import quantizable_layers
+from keras_recurrentgemma.saving import atomic_preset_dir
 from keras_recurrentgemma.tokenizer import END_OF_TURN
 from keras_recurrentgemma.utils.checks import check_in_range
+from keras_recurrentgemma.utils.checks import check_no_padding_gaps
+from keras_recurrentgemma.utils.checks import check_same_shape
 from keras_recurrentgemma.utils.checks import check_token_ids
 
 SAMPLERS = ("beam", "contrastive", "greedy", "random", "top_k", "top_p")
@@ -88,6 +93,8 @@ def _check_prompts(inputs, vocabulary_size):
         )
     if token_ids.shape[0] == 0:
         raise ValueError("`generate` got an empty batch of prompts.")
+    if token_ids.dtype.kind not in "iu":
+        raise TypeError(f"`token_ids` must be integers; got dtype {token_ids.dtype}.")
     real = token_ids[mask]
     if real.size and (real.min() < 0 or real.max() >= vocabulary_size):
         bad = real.min() if real.min() < 0 else real.max()
@@ -191,6 +198,16 @@ class RecurrentGemmaCausalLM(CausalLM):
         """
         return preset_loader.load_task(cls, preset, load_weights, **kwargs)
 
+    def save_to_preset(self, preset_dir, max_shard_size=10):
+        """Saves backbone, preprocessor and tokenizer as a Keras preset.
+
+        As `RecurrentGemmaBackbone.save_to_preset`: all files go to a
+        temporary directory that then replaces `preset_dir`, so an
+        interrupted save leaves the previous preset intact.
+        """
+        with atomic_preset_dir(preset_dir) as staging:
+            super().save_to_preset(staging, max_shard_size=max_shard_size)
+
     def __init__(
         self,
         backbone,
@@ -235,10 +252,17 @@ class RecurrentGemmaCausalLM(CausalLM):
     ):
         """Configures training and generation.
 
-        As KerasHub's `CausalLM.compile`, except that `loss="auto"` averages
-        the cross-entropy over real tokens only (`sample_weight` masks
-        padding), so the reported loss does not depend on how much padding
-        `sequence_length` adds.
+        As KerasHub's `CausalLM.compile`, except that:
+
+        - `loss="auto"` averages the cross-entropy over real tokens only
+          (`sample_weight` masks padding), so the reported loss does not
+          depend on how much padding `sequence_length` adds;
+        - under a pure `"float16"` policy the optimizer is wrapped in a
+          `keras.optimizers.LossScaleOptimizer`, as Keras does for
+          `"mixed_float16"` only (pass `auto_scale_loss=False` to opt out).
+          `fit` then warns if float16 weights are trainable: their optimizer
+          state is float16 too and underflows; use `"mixed_float16"` or
+          `enable_lora`.
         """
         if isinstance(sampler, str) and sampler not in SAMPLERS:
             raise ValueError(
@@ -258,6 +282,30 @@ class RecurrentGemmaCausalLM(CausalLM):
             sampler=sampler,
             **kwargs,
         )
+        self._scale_float16_loss(kwargs.get("auto_scale_loss", True))
+
+    def _scale_float16_loss(self, auto_scale_loss):
+        if self.backbone.compute_dtype != "float16" or self.optimizer is None:
+            return
+        # Small float16 gradients flush to zero without loss scaling, whatever
+        # the variables' dtype; Keras checks for the name "mixed_float16".
+        if auto_scale_loss and not isinstance(
+            self.optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
+
+    def fit(self, *args, **kwargs):
+        trained = [v.path for v in self.trainable_weights if v.dtype == "float16"]
+        if trained:
+            warnings.warn(
+                f"{len(trained)} trainable weights are float16 (e.g. "
+                f"{trained[0]}): the optimizer keeps its moments in float16 "
+                "too, where they underflow and training diverges. Fine-tune "
+                'with `dtype="mixed_float16"` (float32 weights), or call '
+                "`backbone.enable_lora(rank)`, whose factors are float32.",
+                stacklevel=2,
+            )
+        return super().fit(*args, **kwargs)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Quantizes the projections and the tied embedding in place.
@@ -373,23 +421,31 @@ class RecurrentGemmaCausalLM(CausalLM):
         logits = self.backbone.token_embedding(hidden, reverse=True)
         return logits, hidden, new_cache
 
-    def prefill(self, token_ids, padding_mask=None, cache=None):
+    def prefill(self, token_ids, padding_mask=None, cache=None, chunk_size=None):
         """Absorbs tokens into the cache without computing any logits.
 
         Call it repeatedly, passing the returned cache back, to feed a prompt
         in chunks of any size; the result equals one call on the whole
-        prompt. Then `next_token_logits(cache)` gives the distribution of the
-        next token, and `call_with_cache` continues one token at a time.
+        prompt. Or pass `chunk_size` and the whole input: it is fed in
+        slices of that many tokens, so memory stays flat however long the
+        input is (keep a very long input in host memory, e.g. numpy; only
+        one slice at a time reaches the device). Then
+        `next_token_logits(cache)` gives the distribution of the next token,
+        and `call_with_cache` continues one token at a time.
 
         Args:
-            token_ids: int tensor `[b, t]`.
+            token_ids: int tensor or array `[b, t]`.
             padding_mask: optional `[b, t]`, right padded; a row whose real
                 tokens ended in an earlier chunk passes all zeros.
             cache: `RecurrentGemmaCache` to continue, or `None` to start.
+            chunk_size: optional positive int; feed `token_ids` in slices of
+                this many tokens.
 
         Returns:
             The new `RecurrentGemmaCache`.
         """
+        if chunk_size is not None:
+            return self._prefill_in_chunks(token_ids, padding_mask, cache, chunk_size)
         token_ids = check_token_ids(
             ops.convert_to_tensor(token_ids), self.backbone.vocabulary_size
         )
@@ -398,6 +454,34 @@ class RecurrentGemmaCausalLM(CausalLM):
         if padding_mask is not None:
             _right_padded_lengths(padding_mask)
         return self._advance(token_ids, cache, padding_mask)[2]
+
+    def _prefill_in_chunks(self, token_ids, padding_mask, cache, chunk_size):
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise ValueError(
+                f"`chunk_size` must be a positive int; got {chunk_size!r}."
+            )
+        if chunk_size <= 0:
+            raise ValueError(f"`chunk_size` must be a positive int; got {chunk_size}.")
+        shape = tuple(token_ids.shape)
+        if len(shape) != 2:
+            raise ValueError(f"`token_ids` must be [batch, length]; got shape {shape}.")
+        if padding_mask is not None:
+            if tuple(padding_mask.shape) != shape:
+                raise ValueError(
+                    f"`padding_mask` {tuple(padding_mask.shape)} must have the "
+                    f"shape of `token_ids` {shape}."
+                )
+            # Checked whole: a row may not restart in a later chunk.
+            _right_padded_lengths(padding_mask)
+        for start in range(0, shape[1], chunk_size):
+            end = start + chunk_size
+            mask = None if padding_mask is None else padding_mask[:, start:end]
+            cache = self.prefill(token_ids[:, start:end], mask, cache)
+            # Cuts autograd history (torch) so earlier chunks can be freed.
+            cache = keras.tree.map_structure(ops.stop_gradient, cache)
+        if cache is None:
+            cache = self.initial_cache(shape[0])
+        return cache
 
     def next_token_logits(self, cache):
         """Logits `[b, vocab]` for the token after everything in `cache`."""
@@ -576,14 +660,34 @@ class RecurrentGemmaCausalLM(CausalLM):
         models, at `<end_of_turn>`. A stop token that never comes just runs
         to `max_length` (prompt plus new tokens).
 
+        Text that is not valid Unicode (lone surrogates, bytes that are not
+        UTF-8) is generated from with U+FFFD in place of the bad parts (see
+        `RecurrentGemmaTokenizer`); an empty or whitespace-only prompt is
+        continued from `<bos>` (and the whitespace).
+
         Raises:
-            ValueError: for an empty prompt list, `max_length <= 0`, or a
-                prompt longer than `max_length`.
+            ValueError: for an empty prompt list, `max_length <= 0`, a
+                prompt longer than `max_length` (prompts are never silently
+                truncated), token ids or stop token ids outside
+                `[0, vocabulary_size)`, or a `padding_mask` that is not right
+                padded.
+            TypeError: for a `max_length` or stop token id that is not an
+                int, or float `token_ids`.
         """
         if isinstance(inputs, (list, tuple)) and len(inputs) == 0:
             raise ValueError("`generate` got an empty list of prompts.")
-        if max_length is not None and int(max_length) <= 0:
-            raise ValueError(f"`max_length` must be a positive int; got {max_length}.")
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(
+                max_length, numbers.Integral
+            ):
+                raise TypeError(
+                    f"`max_length` must be a positive int; got {max_length!r} "
+                    f"({type(max_length).__name__})."
+                )
+            if max_length <= 0:
+                raise ValueError(
+                    f"`max_length` must be a positive int; got {max_length}."
+                )
         if isinstance(stop_token_ids, str):
             if stop_token_ids != "auto":
                 raise ValueError(
@@ -592,13 +696,39 @@ class RecurrentGemmaCausalLM(CausalLM):
                 )
             stop_token_ids = self._auto_stop_token_ids()
         elif stop_token_ids is not None:
-            stop_token_ids = tuple(int(i) for i in stop_token_ids)
+            stop_token_ids = self._check_stop_token_ids(stop_token_ids)
         return super().generate(
             inputs,
             max_length=max_length,
             stop_token_ids=stop_token_ids,
             strip_prompt=strip_prompt,
         )
+
+    def _check_stop_token_ids(self, stop_token_ids):
+        """A tuple of in-range int ids; one int is accepted as a 1-tuple."""
+        if isinstance(stop_token_ids, numbers.Integral):
+            stop_token_ids = (stop_token_ids,)
+        try:
+            ids = tuple(stop_token_ids)
+        except TypeError:
+            ids = None
+        if ids is None or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids
+        ):
+            raise TypeError(
+                '`stop_token_ids` must be "auto", None or a tuple of int ids; '
+                f"got {stop_token_ids!r}."
+            )
+        vocab = self.backbone.vocabulary_size
+        bad = [int(i) for i in ids if not 0 <= i < vocab]
+        if bad:
+            # Such an id can never be sampled, so generation would silently
+            # run to `max_length`.
+            raise ValueError(
+                f"`stop_token_ids` contains id {bad[0]}, outside "
+                f"[0, vocabulary_size={vocab})."
+            )
+        return tuple(int(i) for i in ids)
 
     def chat(self, turns, max_length=None):
         """Generates the model's next turn of a conversation.
@@ -644,7 +774,8 @@ class RecurrentGemmaCausalLM(CausalLM):
 
         Args:
             token_ids: int tensor `[b, t]`.
-            padding_mask: optional `[b, t]`; ones if omitted.
+            padding_mask: optional `[b, t]`; ones if omitted. Left or right
+                padding; padding between real tokens is refused.
             scoring_mode: `"logits"` (`[b, t, vocab]`) or `"loss"` (per-token
                 cross-entropy of `target_ids`, `[b, t]`, i.e. minus the
                 log-softmax of the logits at the target).
@@ -665,9 +796,22 @@ class RecurrentGemmaCausalLM(CausalLM):
         token_ids = ops.convert_to_tensor(token_ids)
         if padding_mask is None:
             padding_mask = ops.ones(ops.shape(token_ids), "int32")
+        if scoring_mode == "loss":
+            # Out-of-range targets are a silent 0 loss on JAX and a backend
+            # error elsewhere.
+            target_ids = ops.convert_to_tensor(target_ids)
+            check_same_shape(token_ids, target_ids, "token_ids", "target_ids")
+            target_ids = check_in_range(
+                target_ids,
+                0,
+                self.backbone.vocabulary_size,
+                "`target_ids` contains id {bad}, outside [0, vocabulary_size="
+                f"{self.backbone.vocabulary_size}).",
+            )
         token_ids, segment_pos = self.backbone.segment_positions(
             token_ids, padding_mask
         )
+        check_no_padding_gaps(segment_pos)
         hidden, _ = self.backbone.forward_with_caches(
             token_ids, segment_pos, layer_intercept_fn=layer_intercept_fn
         )
