@@ -8,6 +8,7 @@ from keras_hub.models import CausalLMPreprocessor
 
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
+from keras_recurrentgemma.saving import atomic_preset_dir
 from keras_recurrentgemma.tokenizer import RecurrentGemmaTokenizer
 
 
@@ -98,6 +99,15 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
         `tokenizer.model`, with `kwargs` (e.g. `sequence_length`) applied.
         """
         return preset_loader.load_preprocessor(cls, preset, config_file, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """Saves the preprocessor and its tokenizer into `preset_dir`.
+
+        Atomic, and keeps the directory's other files (see
+        `RecurrentGemmaBackbone.save_to_preset`).
+        """
+        with atomic_preset_dir(preset_dir) as staging:
+            super().save_to_preset(staging)
 
     def __init__(self, tokenizer, sequence_length=1024, **kwargs):
         _check_length(sequence_length, "sequence_length")

@@ -6,6 +6,7 @@ from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
+from keras_recurrentgemma.saving import atomic_preset_dir
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
@@ -54,6 +55,15 @@ class RecurrentGemmaTokenizer(SentencePieceTokenizer):
         checkpoint that is not a Keras preset it reads its `tokenizer.model`.
         """
         return preset_loader.load_tokenizer(cls, preset, config_file, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """Saves `tokenizer.json` and the vocabulary into `preset_dir`.
+
+        Atomic, and keeps the directory's other files (see
+        `RecurrentGemmaBackbone.save_to_preset`).
+        """
+        with atomic_preset_dir(preset_dir) as staging:
+            super().save_to_preset(staging)
 
     def __init__(self, proto, **kwargs):
         self._add_special_token("<bos>", "start_token")

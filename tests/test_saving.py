@@ -127,9 +127,12 @@ def test_backbone_saved_after_the_tokenizer_keeps_the_tokenizer(tmp_path):
     preset = tmp_path / "pieces"
     causal_lm.preprocessor.tokenizer.save_to_preset(str(preset))
     causal_lm.backbone.save_to_preset(str(preset))
+    causal_lm.preprocessor.save_to_preset(str(preset))
     tokenizer = RecurrentGemmaTokenizer.from_preset(str(preset))
     assert tokenizer.vocabulary_size() == causal_lm.backbone.vocabulary_size
     RecurrentGemmaBackbone.from_preset(str(preset))
+    assert (preset / "preprocessor.json").exists()
+    assert leftovers(tmp_path) == []
 
 
 def test_stale_weight_shards_are_not_kept(saved):
