@@ -50,6 +50,9 @@ def token_ids(causal_lm, shape=(2, 24), seed=0):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_policy_logits_stay_close_to_float32(policy):
     reference, candidate = float_and_policy_models(policy)
+    variable_dtype = keras.dtype_policies.get(policy).variable_dtype
+    for weight in candidate.backbone.weights:
+        assert keras.backend.standardize_dtype(weight.dtype) == variable_dtype
     ids = token_ids(reference)
     expected = numpy(reference.score(ids))
     actual_logits = candidate.score(ids)
