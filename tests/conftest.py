@@ -57,6 +57,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "large: slow test, skipped by default")
+    config.addinivalue_line("markers", "program: runs the package as a program")
 
 
 def pytest_collection_modifyitems(config, items):

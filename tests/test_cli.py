@@ -432,6 +432,13 @@ def test_chat_drops_old_turns_and_survives_a_message_too_long(
 # --- The command line, as a program -------------------------------------------
 
 
+# A program run imports Keras and compiles in a fresh process, 10-15 s on JAX
+# and TensorFlow (2 cores), for code the in-process tests above already run
+# on every backend; so these two run on torch by default (all backends with
+# --run_large). test_shipped_preset runs the README's command everywhere.
+_program = pytest.mark.large if BACKEND != "torch" else pytest.mark.program
+
+
 def _run_program(args, env_backend):
     env = dict(os.environ, KERAS_BACKEND=env_backend, PYTHONIOENCODING="utf-8")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
@@ -443,6 +450,7 @@ def _run_program(args, env_backend):
     return result.returncode, result.stdout.decode("utf-8"), err
 
 
+@_program
 def test_python_dash_m(presets, base_lm):
     prompt = PROMPTS[2]
     expected = stream_generate(base_lm, prompt, MAX_LENGTH).read()
@@ -454,6 +462,7 @@ def test_python_dash_m(presets, base_lm):
     assert out == _line(prompt + expected)
 
 
+@_program
 def test_backend_option_overrides_the_environment(presets, it_lm):
     # Importing the CLI imports no Keras, so `--backend` can still choose.
     other = next(b for b in cli.BACKENDS if b != BACKEND)
