@@ -1,5 +1,6 @@
 """RecurrentGemma causal language model: fit, generate and score."""
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -53,6 +54,16 @@ class RecurrentGemmaCache(NamedTuple):
     blocks: tuple
     num_tokens: object
     hidden: object
+
+
+def _no_grad():
+    """torch's `no_grad` (a chunked prefill records no autograd graph, which
+    would hold each chunk's activations); nothing on other backends."""
+    if keras.config.backend() != "torch":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.no_grad()
 
 
 def _right_padded_lengths(padding_mask, name="padding_mask"):
@@ -473,12 +484,13 @@ class RecurrentGemmaCausalLM(CausalLM):
                 )
             # Checked whole: a row may not restart in a later chunk.
             _right_padded_lengths(padding_mask)
-        for start in range(0, shape[1], chunk_size):
-            end = start + chunk_size
-            mask = None if padding_mask is None else padding_mask[:, start:end]
-            cache = self.prefill(token_ids[:, start:end], mask, cache)
-            # Cuts autograd history (torch) so earlier chunks can be freed.
-            cache = keras.tree.map_structure(ops.stop_gradient, cache)
+        with _no_grad():
+            for start in range(0, shape[1], chunk_size):
+                end = start + chunk_size
+                mask = None if padding_mask is None else padding_mask[:, start:end]
+                cache = self.prefill(token_ids[:, start:end], mask, cache)
+                # Cuts autograd history (torch) so earlier chunks can be freed.
+                cache = keras.tree.map_structure(ops.stop_gradient, cache)
         if cache is None:
             cache = self.initial_cache(shape[0])
         return cache

@@ -154,17 +154,19 @@ def test_prefill_memory_is_flat_in_length():
         capture_output=True,
         text=True,
         env=dict(os.environ, KERAS_BACKEND=keras.config.backend()),
-        check=True,
     )
+    assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
     short, long = summary["results"]
     assert [short["num_tokens"], long["num_tokens"]] == [[n] for n in lengths]
     mib = 2**20
-    # What stays between chunks must stop climbing: measured within one
-    # process, so no noise between processes enters. Measured: ~0.1 MiB on
-    # jax and tensorflow; a leak of one chunk's activations is ~16 MiB a chunk.
-    assert summary["resting_growth_in_second_half_bytes"] <= 16 * mib, summary
-    # The peak may grow by the input (in the baseline) and the noise between
-    # two processes' allocators.
+    # Measured at these settings, in MiB (jax, tensorflow; torch as of
+    # writing; torch under `no_grad` alone; torch under `no_grad` with the
+    # doubling scan):
+    # - resting growth in the second half: 0.14, 0.04; 816; 63; 12.6. The
+    #   allocators' one-off steps stop early; a leak keeps climbing.
+    # - peak growth less the input's growth (the input is allocated before
+    #   the baseline, so it counts once): 36, -2.5; 1362; 82; 12.
+    assert summary["resting_growth_in_second_half_bytes"] <= 32 * mib, summary
     grown = summary["peak_rss_growth_bytes"] - summary["input_growth_bytes"]
-    assert grown <= 64 * mib, summary
+    assert grown <= 96 * mib, summary
