@@ -32,9 +32,12 @@ def random_inputs(b, t, l, seed=0):
     return a, x, h0
 
 
-# Every implementation that runs on CPU; fast paths for other devices are
-# tested in their own files.
-CPU_IMPLEMENTATIONS = ["reference", "doubling"]
+# Every implementation that runs on CPU without an interpreter; the GPU and
+# TPU kernels are tested in their own files (test_scan_pallas.py,
+# test_scan_triton.py).
+CPU_IMPLEMENTATIONS = ["reference", "doubling"] + (
+    ["xla"] if keras.config.backend() == "tensorflow" else []
+)
 
 
 @pytest.mark.parametrize("implementation", CPU_IMPLEMENTATIONS)
@@ -95,16 +98,42 @@ def test_dispatch_rejects_unknown_implementation():
         rg_lru_scan(a, x, implementation="cuda")
 
 
-def test_auto_picks_the_backend_path_on_cpu():
-    # TensorFlow's associative_scan does not compile under XLA; doubling does.
-    expected = "doubling" if keras.config.backend() == "tensorflow" else "reference"
-    assert resolve_implementation("auto") == expected
+def test_auto_picks_the_backend_path_on_cpu(monkeypatch):
+    monkeypatch.delenv("KERAS_RECURRENTGEMMA_INTERPRET", raising=False)
+    # No GPU or TPU here: the kernels stand aside, TensorFlow still gets XLA.
+    expected = "xla" if keras.config.backend() == "tensorflow" else "reference"
     a, x, h0 = random_inputs(2, 12, 6)
+    assert resolve_implementation("auto") == expected
+    assert resolve_implementation("auto", ops.convert_to_tensor(x)) == expected
     y_auto, _ = rg_lru_scan(a, x, h0)
     y_forced, _ = rg_lru_scan(a, x, h0, implementation=expected)
     np.testing.assert_array_equal(
         ops.convert_to_numpy(y_auto), ops.convert_to_numpy(y_forced)
     )
+
+
+FAST_PATHS = {"xla": "tensorflow", "pallas": "jax", "triton": "torch"}
+
+
+@pytest.mark.parametrize("implementation", sorted(FAST_PATHS))
+def test_forced_fast_path_that_cannot_run_says_why(implementation, monkeypatch):
+    monkeypatch.delenv("KERAS_RECURRENTGEMMA_INTERPRET", raising=False)
+    backend = keras.config.backend()
+    if FAST_PATHS[implementation] == backend and implementation == "xla":
+        pytest.skip("XLA runs on every TensorFlow device")
+    if FAST_PATHS[implementation] != backend:
+        why = f"needs the {FAST_PATHS[implementation]} backend"
+    elif implementation == "pallas":
+        why = "Pallas kernels need a GPU or TPU and JAX's default device is 'cpu'"
+    else:
+        # Triton's own interpreter, when switched on in this process, can run
+        # on CPU tensors; the message then names what is missing instead.
+        why = "triton|CUDA|cuda"
+    a, x, _ = random_inputs(1, 3, 2)
+    with pytest.raises(ValueError, match=f"{implementation!r} cannot run here: "):
+        rg_lru_scan(a, x, implementation=implementation)
+    with pytest.raises(ValueError, match=why.replace("(", r"\(")):
+        resolve_implementation(implementation)
 
 
 @pytest.mark.skipif(
@@ -114,7 +143,11 @@ def test_auto_compiles_with_xla_on_tensorflow():
     import tensorflow as tf
 
     a, x, h0 = random_inputs(2, 13, 3)
+    # Called eagerly, "auto" compiles the scan on its own; inside a compiled
+    # function it is inlined.
     y, h_last = tf.function(rg_lru_scan, jit_compile=True)(a, x, h0)
+    y_eager, _ = rg_lru_scan(a, x, h0)
+    np.testing.assert_allclose(y_eager.numpy(), y.numpy(), **TOL)
     y_ref, h_ref = numpy_scan(a, x, h0)
     np.testing.assert_allclose(y.numpy(), y_ref, **TOL)
     np.testing.assert_allclose(h_last.numpy(), h_ref, **TOL)
