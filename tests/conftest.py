@@ -3,15 +3,7 @@
 Run one pytest process per backend: `KERAS_BACKEND=jax|tensorflow|torch`.
 """
 
-import importlib.util
 import os
-
-# Triton (the torch kernels' compiler) and TensorFlow each carry LLVM; if
-# TensorFlow is loaded first, Triton's registration of LLVM's options aborts
-# the process. The oracles import torch._dynamo, which imports Triton, after
-# KerasHub has imported TensorFlow, so Triton is loaded here, first.
-if importlib.util.find_spec("triton") is not None:
-    import triton  # noqa: F401
 
 import keras
 import numpy as np
