@@ -166,6 +166,11 @@ def rg_lru_scan(a, x, h0=None, implementation="auto"):
     if name == "doubling":
         return rg_lru_scan_doubling(a, x, h0)
     if name == "xla":
+        if x.shape[1] is None:
+            # A length known only at run time takes the sequential scan,
+            # whose gradient XLA cannot compile on its own (a TensorArray of
+            # unknown size); the caller's own compilation still applies.
+            return rg_lru_scan_reference(a, x, h0)
         return _xla_reference()(a, x, h0)
     if name == "pallas":
         from keras_recurrentgemma.ops import pallas_scan
