@@ -14,6 +14,7 @@ from keras_hub.samplers import ContrastiveSampler
 from keras_hub.src.samplers.serialization import get as get_sampler
 from keras_hub.src.utils.tensor_utils import any_equal
 
+from keras_recurrentgemma import compiled_decode
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
 from keras_recurrentgemma.backbone import _with_segment_pos
@@ -178,6 +179,9 @@ class RecurrentGemmaCausalLM(CausalLM):
     preprocessor_cls = RecurrentGemmaCausalLMPreprocessor
     # Until `compile` says otherwise, TensorFlow's `generate` uses XLA.
     _generate_jit_compile = True
+    # `compile(jit_compile=...)` as given; on torch it picks the decode mode.
+    _generate_compile = "auto"
+    _torch_decode_mode = None
     presets = preset_loader.PresetsProperty()
 
     @classmethod
@@ -273,7 +277,11 @@ class RecurrentGemmaCausalLM(CausalLM):
           `"mixed_float16"` only (pass `auto_scale_loss=False` to opt out).
           `fit` then warns if float16 weights are trainable: their optimizer
           state is float16 too and underflows; use `"mixed_float16"` or
-          `enable_lora`.
+          `enable_lora`;
+        - on torch, `jit_compile` also picks how `generate` runs each decode
+          step (`torch_decode_mode`): `False` (or `run_eagerly=True`)
+          eagerly, `True` through `torch.compile`, `"auto"` through
+          `torch.compile` with CUDA graphs on CUDA and eagerly on a CPU.
         """
         if isinstance(sampler, str) and sampler not in SAMPLERS:
             raise ValueError(
@@ -285,7 +293,8 @@ class RecurrentGemmaCausalLM(CausalLM):
             loss = keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction="mean_with_sample_weight"
             )
-        self._generate_jit_compile = kwargs.get("jit_compile", "auto") is not False
+        self._generate_compile = kwargs.get("jit_compile", "auto")
+        self._generate_jit_compile = self._generate_compile is not False
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -503,8 +512,10 @@ class RecurrentGemmaCausalLM(CausalLM):
     def _build_cache(self, token_ids, padding_mask=None, return_hidden=False):
         """Prefills the right-padded prompts in `token_ids`.
 
-        Chunks of `prefill_chunk_size` run in a loop that stops after the
-        longest prompt, so a `max_length` buffer costs nothing beyond it.
+        Chunks of `prefill_chunk_size` (or of the whole buffer, if shorter)
+        run in a loop that stops after the longest prompt. On torch, which
+        runs this eagerly, the buffer is first cut after the longest prompt,
+        so a `max_length` buffer costs nothing beyond it.
 
         Returns:
             `(hidden_states, cache)`; `hidden_states` is `[b, t, d]` when
@@ -515,6 +526,12 @@ class RecurrentGemmaCausalLM(CausalLM):
         if padding_mask is None:
             padding_mask = ops.ones((b, t), "int32")
         mask = ops.cast(padding_mask, "int32")
+        if keras.config.backend() == "torch" and not return_hidden:
+            # Eager: the lengths are known, and the columns after the longest
+            # prompt would only be masked out (a fifth of a 128-token greedy
+            # `generate` from a 32-token prompt went there).
+            t = max(int(ops.max(ops.sum(mask, axis=1))), 1)
+            token_ids, mask = token_ids[:, :t], mask[:, :t]
         chunk = min(self.prefill_chunk_size, t)
         padded = math.ceil(t / chunk) * chunk
         if padded != t:
@@ -578,25 +595,15 @@ class RecurrentGemmaCausalLM(CausalLM):
             token_ids, padding_mask, return_hidden=return_hidden
         )
         max_length = ops.shape(token_ids)[1]
-        vocab = self.backbone.vocabulary_size
+        decode = self._decode_function()
 
         def next(prompt, cache, index):
             b = ops.shape(prompt)[0]
-            column = index - 1
-            token = ops.slice(prompt, [0, column], [b, 1])
-            # A row feeds the column only once its prompt is absorbed.
-            feed = ops.greater_equal(column, cache.num_tokens)[:, None]
-            logits, hidden, new_cache = self._call_with_cache(token, cache, feed)
-            logits = ops.cast(logits[:, 0], "float32")
-            known = ops.less(index, cache.num_tokens)
+            token = ops.slice(prompt, [0, index - 1], [b, 1])
             upcoming = ops.slice(
                 prompt, [0, ops.minimum(index, max_length - 1)], [b, 1]
             )
-            point_mass = ops.where(
-                ops.equal(ops.arange(vocab)[None, :], upcoming), 0.0, _NEVER
-            )
-            logits = ops.where(known[:, None], point_mass, logits)
-            return logits, hidden[:, 0], new_cache
+            return decode(token, upcoming, index, cache)
 
         token_ids = self.sampler(
             next=next,
@@ -620,15 +627,95 @@ class RecurrentGemmaCausalLM(CausalLM):
             padding_mask = ops.ones_like(token_ids, dtype="bool")
         return {"token_ids": token_ids, "padding_mask": padding_mask}
 
+    def _decode_step(self, token, upcoming, index, cache):
+        """One column of `generate_step`'s loop; a pure function of tensors.
+
+        Feeds `token` `[b, 1]` (the column before `index`) to the rows whose
+        prompt is absorbed; a row still inside its prompt gets a point mass
+        on its known `upcoming` token `[b, 1]` instead of logits.
+
+        Returns:
+            `(logits float32 [b, vocab], hidden [b, d], cache)`.
+        """
+        # A row feeds the column only once its prompt is absorbed.
+        feed = ops.greater_equal(index - 1, cache.num_tokens)[:, None]
+        logits, hidden, new_cache = self._call_with_cache(token, cache, feed)
+        logits = ops.cast(logits[:, 0], "float32")
+        known = ops.less(index, cache.num_tokens)
+        vocab = self.backbone.vocabulary_size
+        point_mass = ops.where(
+            ops.equal(ops.arange(vocab)[None, :], upcoming), 0.0, _NEVER
+        )
+        logits = ops.where(known[:, None], point_mass, logits)
+        return logits, hidden[:, 0], new_cache
+
+    def _decode_function(self):
+        """`_decode_step`, or on torch its traced/compiled version.
+
+        JAX and TensorFlow compile the whole `generate_step` already; torch
+        runs it eagerly, so there the step goes through the
+        `TorchDecodeStep` that `make_generate_function` set up.
+        """
+        compiled = getattr(self, "_torch_decode", None)
+        if compiled is None or compiled.mode == "eager":
+            return self._decode_step
+        # Steps traced for another set of variables (before LoRA or
+        # quantization) are not reused.
+        variables_key = tuple(id(v) for v in self.variables)
+
+        def decode(*args):
+            return compiled(*args, variables_key=variables_key)
+
+        return decode
+
+    @property
+    def torch_decode_mode(self):
+        """How `generate` runs each decode step on torch, or `None` elsewhere.
+
+        `"inductor"` (the step traced once per batch shape and compiled
+        with `torch.compile`, with CUDA graphs on CUDA) by default on CUDA
+        and after `compile(jit_compile=True)`; `"eager"` by default on a CPU,
+        after `compile(jit_compile=False)` and with `run_eagerly`. Assign
+        `"graph"` (the traced step replayed as it is: eager's kernels and
+        results without the Python overhead) or any of these to override
+        the choice, `None` to go back to it. See
+        `keras_recurrentgemma.compiled_decode`.
+        """
+        if keras.config.backend() != "torch":
+            return None
+        if self._torch_decode_mode is not None:
+            return self._torch_decode_mode
+        device = self.backbone.token_embedding.embeddings.value.device.type
+        return compiled_decode.resolve_mode(
+            self._generate_compile, self.run_eagerly, device
+        )
+
+    @torch_decode_mode.setter
+    def torch_decode_mode(self, mode):
+        if mode is not None and mode not in compiled_decode.MODES:
+            raise ValueError(
+                f"`torch_decode_mode` must be one of {compiled_decode.MODES} or "
+                f"None; got {mode!r}."
+            )
+        self._torch_decode_mode = mode
+        self.generate_function = None
+
     def make_generate_function(self):
         """The compiled `generate_step`, behind eager checks of its inputs.
 
         JAX jits it and torch runs it under `no_grad` (both as KerasHub
         does); TensorFlow compiles it with XLA even on CPU, where Keras's
         `jit_compile="auto"` would not, unless `compile(jit_compile=False)`.
+        On torch the per-token decode step runs as `torch_decode_mode`
+        says: compiled by default on CUDA.
         """
         if self.generate_function is not None:
             return self.generate_function
+        self._torch_decode = None
+        if keras.config.backend() == "torch":
+            self._torch_decode = compiled_decode.TorchDecodeStep(
+                self._decode_step, self.torch_decode_mode
+            )
         if keras.config.backend() == "tensorflow" and not self.run_eagerly:
             import tensorflow as tf
 
