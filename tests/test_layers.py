@@ -18,7 +18,7 @@ from keras_recurrentgemma.layers import RecurrentBlock
 from keras_recurrentgemma.layers import ResidualBlock
 from keras_recurrentgemma.layers import RMSNormalization
 from keras_recurrentgemma.layers import SegmentPositions
-from keras_recurrentgemma.layers.rg_lru import sqrt_bound_derivative
+from keras_recurrentgemma.ops.rg_lru import sqrt_bound_derivative
 from tests.backend_grad import value_and_grad
 from tests.tolerances import SELF_CONSISTENCY
 

@@ -41,6 +41,15 @@ the first of those, compilation included, and `*_min_ms` the fastest timed
 call (steadier than the median on a shared CPU, where torch's threads also
 wait on each other: `OMP_NUM_THREADS=1` steadies them).
 
+- `rg_lru` (unless `--no-unit`): the whole unit as the layer runs it,
+  `ops.rg_lru(x, gate_x, gate_a, a_param, segment_pos)` from the three
+  `--dtype` streams, for each implementation name, forward and gradient with
+  respect to the three streams, with its own `floor` (the forward reads the
+  three streams and writes `y`; the backward reads them, `y` and the
+  cotangent and writes their three gradients). Where the scan kernel also
+  does the gate arithmetic (`"pallas"`, `"triton"`), this is what fusing it
+  saves over the gates in `keras.ops` around the kernel.
+
 `--check` adds each candidate's largest absolute error in `y` (and in `da`,
 `dx`, which come in the input dtype, with the backward) against a float64
 numpy loop over the same rounded inputs, with `max_abs_reference` for scale.
@@ -156,12 +165,16 @@ class _JaxBackend:
         return self.jax.jit(fn)
 
     def forward_backward(self, fn, mode):
-        jnp = self.jnp
+        jax, jnp = self.jax, self.jnp
 
-        def loss(a, x, cot):
-            return jnp.sum(fn(a, x).astype(jnp.float32) * cot)
+        def loss(*args):
+            *inputs, cot = args
+            return jnp.sum(fn(*inputs).astype(jnp.float32) * cot)
 
-        return self.jax.jit(self.jax.grad(loss, argnums=(0, 1)))
+        def grads(*args):
+            return jax.grad(loss, argnums=tuple(range(len(args) - 1)))(*args)
+
+        return jax.jit(grads)
 
     def copy_call(self, nbytes):
         # `s + 1` rather than a plain copy, which XLA may turn into aliasing.
@@ -221,11 +234,12 @@ class _TensorFlowBackend:
     def forward_backward(self, fn, mode):
         tf = self.tf
 
-        def grads(a, x, cot):
+        def grads(*args):
+            *inputs, cot = args
             with tf.GradientTape() as tape:
-                tape.watch([a, x])
-                loss = tf.reduce_sum(tf.cast(fn(a, x), tf.float32) * cot)
-            return tuple(tape.gradient(loss, [a, x]))
+                tape.watch(inputs)
+                loss = tf.reduce_sum(tf.cast(fn(*inputs), tf.float32) * cot)
+            return tuple(tape.gradient(loss, inputs))
 
         return self._function(grads, mode)
 
@@ -277,21 +291,21 @@ class _TorchBackend:
     def forward(self, fn, mode):
         torch = self.torch
 
-        def call(a, x):
+        def call(*inputs):
             # Without autograd's bookkeeping, as in inference.
             with torch.no_grad():
-                return fn(a, x)
+                return fn(*inputs)
 
         return call
 
     def forward_backward(self, fn, mode):
         torch = self.torch
 
-        def grads(a, x, cot):
-            a = a.detach().requires_grad_()
-            x = x.detach().requires_grad_()
-            loss = (fn(a, x).float() * cot).sum()
-            return torch.autograd.grad(loss, (a, x))
+        def grads(*args):
+            *inputs, cot = args
+            inputs = [t.detach().requires_grad_() for t in inputs]
+            loss = (fn(*inputs).float() * cot).sum()
+            return torch.autograd.grad(loss, inputs)
 
         return grads
 
@@ -482,6 +496,77 @@ def run_candidate(backend, candidate, inputs, args, floor, expected):
     return entry
 
 
+def unit_bytes(n, in_itemsize):
+    """Least traffic of the whole RG-LRU: forward, and forward plus backward."""
+    forward = n * (3 * in_itemsize + 4)
+    # Backward: read the three streams, y and the cotangent; write 3 grads.
+    backward = n * (3 * in_itemsize + 4 + 4 + 3 * in_itemsize)
+    return forward, forward + backward
+
+
+def run_unit(backend, names, args, gbps):
+    """Times `ops.rg_lru` from its gate pre-activations for each name."""
+    from keras import ops
+
+    from keras_recurrentgemma.layers.rg_lru import RingInitializer
+    from keras_recurrentgemma.ops import rg_lru
+
+    b, t, l = args.shape
+    rng = np.random.default_rng(args.seed + 1)
+    streams = [
+        backend.tensor(rng.standard_normal(args.shape, dtype=np.float32), args.dtype)
+        for _ in range(3)
+    ]
+    cot = backend.tensor(rng.standard_normal(args.shape, dtype=np.float32), "float32")
+    a_param = backend.tensor(
+        ops.convert_to_numpy(RingInitializer(seed=args.seed)((l,))), "float32"
+    )
+    # One document per row, as in training on unpacked rows.
+    segment_pos = backend.tensor(np.tile(np.arange(t), (b, 1)), "int32")
+    n = b * t * l
+    fwd_bytes, fwd_bwd_bytes = unit_bytes(n, ITEMSIZE[args.dtype])
+    result = {
+        "floor": {
+            "fwd_bytes": fwd_bytes,
+            "fwd_ms": _sig(fwd_bytes / gbps / 1e6),
+            "fwd_bwd_bytes": fwd_bwd_bytes,
+            "fwd_bwd_ms": _sig(fwd_bwd_bytes / gbps / 1e6),
+        }
+    }
+    for name in names:
+        print(f"timing rg_lru {name}", file=sys.stderr, flush=True)
+
+        def fn(x, gate_x, gate_a, name=name):
+            return rg_lru(x, gate_x, gate_a, a_param, segment_pos, implementation=name)[
+                0
+            ]
+
+        entry = {}
+        for key, build, call_args in (
+            ("fwd", backend.forward, streams),
+            ("fwd_bwd", backend.forward_backward, streams + [cot]),
+        ):
+            mode, first, times, out, errors = time_compiled(
+                backend,
+                functools.partial(build, fn),
+                call_args,
+                backend.compile_modes,
+                args,
+            )
+            del out
+            if mode is None:
+                entry[f"{key}_error"] = _errors_entry(errors)
+                continue
+            entry[f"{key}_compile"] = mode
+            entry[f"{key}_ms"] = round(statistics.median(times), 4)
+            entry[f"{key}_min_ms"] = round(min(times), 4)
+            entry[f"{key}_first_call_ms"] = round(first, 1)
+        gc.collect()
+        backend.release()
+        result[name] = entry
+    return result
+
+
 def our_candidates(names, x):
     """Ours, by name; `x` is an input, for what `"auto"` resolves to here."""
     from keras_recurrentgemma.ops import scan
@@ -623,6 +708,12 @@ def main(argv=None):
         "accelerated_scan (torch)",
     )
     parser.add_argument(
+        "--unit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the whole RG-LRU (ops.rg_lru, gates included)",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="compare every output with a float64 numpy loop",
@@ -725,6 +816,9 @@ def main(argv=None):
                     ratios[name] = ratio
             if ratios:
                 entry["ratio_to"] = ratios
+
+    if args.unit:
+        result["rg_lru"] = run_unit(backend, names, args, gbps)
 
     print(json.dumps(result, indent=2))
     return result

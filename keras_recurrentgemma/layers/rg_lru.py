@@ -4,25 +4,7 @@ import keras
 from keras import ops
 
 from keras_recurrentgemma.layers.block_diagonal_linear import BlockDiagonalLinear
-from keras_recurrentgemma.ops import rg_lru_scan
-
-# Fixed constant `c` of the paper: log a_t = -c · r_t · softplus(Λ).
-_C = 8.0
-# sqrt'(x) is capped at this value, as in the official model.
-_MAX_SQRT_GRADIENT = 1000.0
-
-
-def sqrt_bound_derivative(x, max_gradient=_MAX_SQRT_GRADIENT):
-    """`sqrt(x)` whose gradient is `1 / (2 sqrt(max(x, 1 / (4 m²))))`.
-
-    The forward value is exactly `sqrt(x)`. Written with `stop_gradient`
-    rather than a custom-gradient op so it behaves the same on every backend:
-    `x - stop_gradient(x)` is zero forward and carries a unit gradient.
-    """
-    floor = 1.0 / (4.0 * max_gradient**2)
-    value = ops.stop_gradient(ops.sqrt(x))
-    slope = ops.stop_gradient(0.5 * ops.rsqrt(ops.maximum(x, floor)))
-    return value + (x - ops.stop_gradient(x)) * slope
+from keras_recurrentgemma.ops import rg_lru
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
@@ -67,8 +49,9 @@ class RGLRU(keras.layers.Layer):
 
     Args:
         num_heads: int. Number of diagonal blocks in each gate.
-        scan_implementation: str. Passed to `rg_lru_scan`; `"auto"` picks the
-            fastest path for the backend and device.
+        scan_implementation: str. Passed to `ops.rg_lru` (see `rg_lru_scan`
+            for the names); `"auto"` picks the fastest path for the backend
+            and device, and `"pallas"` computes the gates inside its kernel.
 
     Call arguments:
         x: float tensor `[b, t, l]`.
@@ -105,21 +88,16 @@ class RGLRU(keras.layers.Layer):
         self.built = True
 
     def call(self, x, segment_pos, h0=None):
-        gate_x = ops.sigmoid(ops.cast(self.input_gate(x), "float32"))
-        gate_a = ops.sigmoid(ops.cast(self.a_gate(x), "float32"))
-        log_a = -_C * gate_a * ops.softplus(ops.cast(self.a_param, "float32"))
-        a = ops.exp(log_a)
-        a_square = ops.exp(2.0 * log_a)
-
-        reset = ops.expand_dims(ops.equal(segment_pos, 0), -1)
-        pad = ops.expand_dims(segment_pos < 0, -1)
-        multiplier = ops.where(reset, 1.0, sqrt_bound_derivative(1.0 - a_square))
-        normalized_x = ops.cast(x, "float32") * gate_x * multiplier
-        normalized_x = ops.where(pad, 0.0, normalized_x)
-        a = ops.where(reset, 0.0, ops.where(pad, 1.0, a))
-
-        y, h_last = rg_lru_scan(
-            a, normalized_x, h0, implementation=self.scan_implementation
+        # The gate arithmetic runs inside `rg_lru`, in the scan kernel where
+        # one fuses it.
+        y, h_last = rg_lru(
+            x,
+            self.input_gate(x),
+            self.a_gate(x),
+            self.a_param,
+            segment_pos,
+            h0,
+            implementation=self.scan_implementation,
         )
         return ops.cast(y, self.compute_dtype), h_last
 

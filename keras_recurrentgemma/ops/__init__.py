@@ -1,3 +1,5 @@
+from keras_recurrentgemma.ops.rg_lru import rg_lru
+from keras_recurrentgemma.ops.rg_lru import rg_lru_gates
 from keras_recurrentgemma.ops.scan import IMPLEMENTATIONS
 from keras_recurrentgemma.ops.scan import resolve_implementation
 from keras_recurrentgemma.ops.scan import rg_lru_scan

@@ -1,0 +1,484 @@
+"""The whole RG-LRU (gates, normalisation, recurrence) in one Pallas kernel.
+
+Shape legend: `b` batch, `t` sequence, `l` lru_width.
+
+    i_t = σ(z^x_t)            r_t = σ(z^a_t)
+    log a_t = r_t ⊙ w,        w = -8 · softplus(Λ)
+    h_t = ā_t ⊙ h_{t-1} + x̄_t
+
+with, per token (`segment_pos` p_t), `ā_t = a_t, x̄_t = sqrt(1 − a_t²) ⊙ i_t ⊙
+x_t` inside a document, `ā_t = 0, x̄_t = i_t ⊙ x_t` where one starts (p_t = 0),
+and `ā_t = 1, x̄_t = 0` on padding (p_t < 0).
+
+Why a kernel of its own: with the gates outside, XLA writes `ā` and `x̄` in
+float32 (8 bytes per element) for the scan kernel to read back, and the
+backward pass writes `dā`, `dx̄` for XLA to read again. Here the kernel reads
+the three 16-bit streams `x`, `z^x`, `z^a` once and writes `y`; the backward
+kernel recomputes the gates from them and writes `dx`, `dz^x`, `dz^a`
+directly. No `[b, t, l]` intermediate exists in either direction, so
+training also keeps no `ā`, `x̄` for the backward pass.
+
+Backward, with `g_t` the gradient reaching `h_t` (see `pallas_scan`):
+
+    g_t = dy_t + ā_{t+1} ⊙ g_{t+1}
+    dx_t = g_t ⊙ i_t ⊙ m_t                   m_t = sqrt(1 − a_t²) (1 at resets)
+    dz^x_t = g_t ⊙ x_t ⊙ m_t ⊙ i_t (1 − i_t)
+    d log a_t = g_t ⊙ h_{t-1} ⊙ a_t − g_t ⊙ x_t ⊙ i_t ⊙ a_t² / s_t
+    dz^a_t = d log a_t ⊙ w ⊙ r_t (1 − r_t),    dw = Σ_{b,t} d log a_t ⊙ r_t
+
+inside documents (all zero on padding; only `dx`, `dz^x` at resets), where
+`s_t = sqrt(max(1 − a_t², 1/(4·1000²)))` caps sqrt's derivative at 1000 as
+the official model does. `Λ`'s gradient flows through `w` outside the
+kernel.
+
+The block layout, padding and platforms are those of `pallas_scan`. The
+positions of a program's time steps are read as scalars: a `[t]` block on GPU,
+and on TPU a `[time_block]` block in SMEM (scalar memory), reshaped so that
+its last two dimensions, `[1, time_block]`, are whole.
+"""
+
+import functools
+from typing import NamedTuple
+
+from keras_recurrentgemma.ops import pallas_scan
+
+# sqrt'(x) is capped at 1000 (as in `layers.rg_lru.sqrt_bound_derivative`).
+_SQRT_FLOOR = 1.0 / (4.0 * 1000.0**2)
+_C = 8.0
+
+
+def rg_lru_pallas(
+    x,
+    gate_x,
+    gate_a,
+    a_param,
+    segment_pos,
+    h0=None,
+    *,
+    platform=None,
+    interpret=False,
+    block_width=None,
+    time_block=None,
+):
+    """The RG-LRU from its gate pre-activations, in one kernel (differentiable).
+
+    Args:
+        x: float array `[b, t, l]`, the recurrence's input.
+        gate_x: float array `[b, t, l]`, the input gate before its sigmoid.
+        gate_a: float array `[b, t, l]`, the `a` gate before its sigmoid.
+        a_param: float array `[l]`, `Λ`.
+        segment_pos: int array `[b, t]`: 0 starts a document, -1 is padding.
+        h0: optional float array `[b, l]`, the state before the first step.
+        platform, interpret, block_width, time_block: as in
+            `pallas_scan.rg_lru_scan_pallas`.
+
+    Returns:
+        `(y, h_last)`, float32 `[b, t, l]` and `[b, l]`. Gradients reach `x`,
+        both gates, `a_param` and `h0` in their own dtypes.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x, gate_x, gate_a = (jnp.asarray(v) for v in (x, gate_x, gate_a))
+    a_param = jnp.asarray(a_param)
+    segment_pos = jnp.asarray(segment_pos)
+    if x.ndim != 3 or not x.shape[0] * x.shape[1] * x.shape[2]:
+        raise ValueError(f"`x` must have a nonzero shape [b, t, l]; got {x.shape}.")
+    b, t, l = x.shape
+    for name, array in (("gate_x", gate_x), ("gate_a", gate_a)):
+        if array.shape != x.shape:
+            raise ValueError(
+                f"`{name}` must have the shape of `x`, {x.shape}; got {array.shape}."
+            )
+    for name, array in (("x", x), ("gate_x", gate_x), ("gate_a", gate_a)):
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(f"`{name}` must be a float array; got {array.dtype}.")
+    if a_param.shape != (l,):
+        raise ValueError(f"`a_param` must have shape {(l,)}; got {a_param.shape}.")
+    if segment_pos.shape != (b, t):
+        raise ValueError(
+            f"`segment_pos` must have shape {(b, t)}; got {segment_pos.shape}."
+        )
+    if not jnp.issubdtype(segment_pos.dtype, jnp.integer):
+        raise TypeError(f"`segment_pos` must be integer; got {segment_pos.dtype}.")
+    if h0 is not None:
+        h0 = jnp.asarray(h0)
+        if h0.shape != (b, l):
+            raise ValueError(f"`h0` must have shape {(b, l)}; got {h0.shape}.")
+
+    platform = platform or jax.default_backend()
+    if platform == "cpu" and interpret:
+        platform = "gpu"
+    if platform not in pallas_scan.PLATFORMS:
+        raise ValueError(
+            f"No Pallas kernel for platform {platform!r}; expected one of "
+            f"{pallas_scan.PLATFORMS}, or interpret=True to run on CPU."
+        )
+    plan = pallas_scan._make_plan(platform, t, l, block_width, time_block)
+    config = _Config(plan, interpret, h0 is not None)
+    # softplus is per channel: computed once here, and differentiated by JAX.
+    w = -_C * jax.nn.softplus(a_param.astype(jnp.float32))
+    return _differentiable(config)(
+        x, gate_x, gate_a, w, segment_pos.astype(jnp.int32), h0
+    )
+
+
+class _Config(NamedTuple):
+    plan: pallas_scan._Plan
+    interpret: object
+    has_h0: bool
+
+
+# Layout of the per-channel and per-token inputs (the sequences and states
+# use `pallas_scan`'s).
+
+
+def _to_channels(plan, w):
+    import jax.numpy as jnp
+
+    w = jnp.pad(w, (0, plan.padded_width - plan.width))
+    if plan.platform == "tpu":
+        w = w.reshape(-1, pallas_scan._LANES)
+    return w
+
+
+def _channels_spec(plan):
+    from jax.experimental import pallas as pl
+
+    if plan.platform == "gpu":
+        return pl.BlockSpec((plan.block_width,), lambda i, j, s: (j,))
+    rows = plan.block_width // pallas_scan._LANES
+    return pl.BlockSpec((rows, pallas_scan._LANES), lambda i, j, s: (j, 0))
+
+
+def _to_positions(plan, segment_pos):
+    """`[b, t]` padded in time with -1 (padding carries the state through)."""
+    import jax.numpy as jnp
+
+    pad_t = plan.padded_length - plan.length
+    segment_pos = jnp.pad(segment_pos, ((0, 0), (0, pad_t)), constant_values=-1)
+    if plan.platform == "tpu":
+        segment_pos = segment_pos.reshape(-1, plan.num_chunks, 1, plan.time_block)
+    return segment_pos
+
+
+def _positions_spec(plan, reverse=False):
+    from jax.experimental import pallas as pl
+
+    n = plan.num_chunks
+    if plan.platform == "gpu":
+        return pl.BlockSpec((None, plan.time_block), lambda i, j, s: (i, 0))
+    from jax.experimental.pallas import tpu as pltpu
+
+    def index(i, j, s):
+        return i, n - 1 - s if reverse else s, 0, 0
+
+    # A block's last two dimensions must be whole, hence the unit axis.
+    return pl.BlockSpec(
+        (None, None, 1, plan.time_block), index, memory_space=pltpu.SMEM
+    )
+
+
+# The gate arithmetic shared by both kernels, on one time step (float32).
+
+
+class _Step(NamedTuple):
+    x: object
+    gate_x: object  # i_t
+    gate_a: object  # r_t
+    a: object
+    a_square: object
+    one_minus_a_square: object
+    multiplier: object  # m_t
+    reset: object
+    pad: object
+
+    @property
+    def decay(self):  # ā_t
+        import jax.numpy as jnp
+
+        return jnp.where(self.reset, 0.0, jnp.where(self.pad, 1.0, self.a))
+
+    @property
+    def input(self):  # x̄_t
+        import jax.numpy as jnp
+
+        return jnp.where(self.pad, 0.0, self.x * self.gate_x * self.multiplier)
+
+
+def _gates(x, gate_x, gate_a, w, pos):
+    import jax
+    import jax.numpy as jnp
+
+    x = x.astype(jnp.float32)
+    gate_x = jax.nn.sigmoid(gate_x.astype(jnp.float32))
+    gate_a = jax.nn.sigmoid(gate_a.astype(jnp.float32))
+    log_a = gate_a * w
+    a = jnp.exp(log_a)
+    a_square = jnp.exp(2.0 * log_a)
+    one_minus_a_square = _one_minus_exp(2.0 * log_a)
+    reset, pad = pos == 0, pos < 0
+    multiplier = jnp.where(reset, 1.0, jnp.sqrt(one_minus_a_square))
+    return _Step(
+        x, gate_x, gate_a, a, a_square, one_minus_a_square, multiplier, reset, pad
+    )
+
+
+def _one_minus_exp(z):
+    """`1 − exp(z) = −expm1(z)` for `z ≤ 0`, accurate to float32 near 0.
+
+    Mosaic has no expm1, so near 0 (where `1 − exp(z)` cancels) a Taylor
+    series takes over; its first omitted term is below 1e-8 of the value.
+    """
+    import jax.numpy as jnp
+
+    series = 1.0 + z / 7.0
+    for k in (6.0, 5.0, 4.0, 3.0, 2.0):
+        series = 1.0 + z / k * series
+    return jnp.where(z > -0.25, -z * series, 1.0 - jnp.exp(z))
+
+
+# Kernels.
+
+
+def _position(pos_ref, i):
+    # A GPU block is `[t]`; a TPU one `[1, time_block]` (see `_positions_spec`).
+    return pos_ref[i] if len(pos_ref.shape) == 1 else pos_ref[0, i]
+
+
+def _forward_kernel(*refs, has_h0, num_chunks):
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    refs = list(refs)
+    x_ref, gx_ref, ga_ref, w_ref, pos_ref = refs[:5]
+    h0_ref = refs[5] if has_h0 else None
+    y_ref, h_ref = refs[-2:]
+
+    def initial_state():
+        if has_h0:
+            return h0_ref[...]
+        return jnp.zeros(h_ref.shape, jnp.float32)
+
+    if num_chunks == 1:
+        h = initial_state()
+    else:
+
+        @pl.when(pl.program_id(2) == 0)
+        def _():
+            h_ref[...] = initial_state()
+
+        h = h_ref[...]
+    w = w_ref[...]
+
+    def step(i, h):
+        gates = _gates(x_ref[i], gx_ref[i], ga_ref[i], w, _position(pos_ref, i))
+        h = gates.decay * h + gates.input
+        y_ref[i] = h
+        return h
+
+    h_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0], step, h)
+
+
+def _backward_kernel(*refs, has_h0, num_chunks):
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    refs = list(refs)
+    x_ref, gx_ref, ga_ref, w_ref, pos_ref, y_ref, dy_ref, dh_last_ref = refs[:8]
+    del refs[:8]
+    h0_ref = refs.pop(0) if has_h0 else None
+    y_before_ref = refs.pop(0) if num_chunks > 1 else None
+    dx_ref, dgx_ref, dga_ref, dw_ref, carry_ref = refs
+
+    def state_before_chunk():
+        if has_h0:
+            first = h0_ref[...]
+        else:
+            first = jnp.zeros(carry_ref.shape, jnp.float32)
+        if num_chunks == 1:
+            return first
+        is_first_chunk = pl.program_id(2) == num_chunks - 1
+        return jnp.where(is_first_chunk, first, y_before_ref[...])
+
+    # `carry` is ā_{t+1} ⊙ g_{t+1}; `dw` sums d log a ⊙ r over this block's
+    # time steps (the batch is summed outside). Both live in their output
+    # blocks across time chunks.
+    if num_chunks == 1:
+        carry = dh_last_ref[...]
+        dw = jnp.zeros(dw_ref.shape, jnp.float32)
+    else:
+
+        @pl.when(pl.program_id(2) == 0)
+        def _():
+            carry_ref[...] = dh_last_ref[...]
+            dw_ref[...] = jnp.zeros(dw_ref.shape, jnp.float32)
+
+        carry = carry_ref[...]
+        dw = dw_ref[...]
+    w = w_ref[...]
+
+    def update(i, carry, dw, h_before):
+        s = _gates(x_ref[i], gx_ref[i], ga_ref[i], w, _position(pos_ref, i))
+        g = dy_ref[i].astype(jnp.float32) + carry
+        # Padding passes `g` on to h_{t-1} (ā = 1) and reaches no input.
+        g_in = jnp.where(s.pad, 0.0, g)
+        gated = g_in * s.gate_x
+        dx_ref[i] = (gated * s.multiplier).astype(dx_ref.dtype)
+        dgx = g_in * s.x * s.multiplier * s.gate_x * (1.0 - s.gate_x)
+        dgx_ref[i] = dgx.astype(dgx_ref.dtype)
+        slope = jax.lax.rsqrt(jnp.maximum(s.one_minus_a_square, _SQRT_FLOOR))
+        dlog_a = g_in * h_before * s.a - gated * s.x * s.a_square * slope
+        dlog_a = jnp.where(s.reset, 0.0, dlog_a)
+        dga_ref[i] = (dlog_a * w * s.gate_a * (1.0 - s.gate_a)).astype(dga_ref.dtype)
+        return s.decay * g, dw + dlog_a * s.gate_a
+
+    last = x_ref.shape[0] - 1
+
+    def step(k, state):
+        i = last - k
+        return update(i, *state, y_ref[i - 1])
+
+    carry, dw = jax.lax.fori_loop(0, last, step, (carry, dw))
+    carry, dw = update(0, carry, dw, state_before_chunk())
+    carry_ref[...] = carry
+    dw_ref[...] = dw
+
+
+# pallas_call wrappers in the kernel layout.
+
+
+def _forward_call(config, x, gx, ga, w, pos, h0):
+    import jax
+    from jax.experimental import pallas as pl
+
+    plan = config.plan
+    b = x.shape[0]
+    seq, state = pallas_scan._sequence_spec(plan), pallas_scan._state_spec(plan)
+    in_specs = [seq, seq, seq, _channels_spec(plan), _positions_spec(plan)]
+    args = [x, gx, ga, w, pos]
+    if config.has_h0:
+        in_specs.append(state)
+        args.append(h0)
+    kernel = functools.partial(
+        _forward_kernel, has_h0=config.has_h0, num_chunks=plan.num_chunks
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct(x.shape, "float32"),
+            jax.ShapeDtypeStruct((b,) + x.shape[2:], "float32"),
+        ),
+        grid=pallas_scan._grid(plan, b),
+        in_specs=in_specs,
+        out_specs=(seq, state),
+        compiler_params=pallas_scan._compiler_params(plan),
+        interpret=config.interpret,
+        name="rg_lru_forward",
+    )(*args)
+
+
+def _backward_call(config, x, gx, ga, w, pos, y, dy, dh_last, h0):
+    import jax
+    from jax.experimental import pallas as pl
+
+    plan = config.plan
+    b = x.shape[0]
+    seq = pallas_scan._sequence_spec(plan, reverse=True)
+    state = pallas_scan._state_spec(plan)
+    in_specs = [seq, seq, seq, _channels_spec(plan), _positions_spec(plan, True)]
+    in_specs += [seq, seq, state]
+    args = [x, gx, ga, w, pos, y, dy, dh_last]
+    if config.has_h0:
+        in_specs.append(state)
+        args.append(h0)
+    if plan.num_chunks > 1:
+        in_specs.append(pallas_scan._row_before_chunk_spec(plan))
+        args.append(y)
+    kernel = functools.partial(
+        _backward_kernel, has_h0=config.has_h0, num_chunks=plan.num_chunks
+    )
+    state_shape = jax.ShapeDtypeStruct(dh_last.shape, "float32")
+    return pl.pallas_call(
+        kernel,
+        out_shape=(
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct(gx.shape, gx.dtype),
+            jax.ShapeDtypeStruct(ga.shape, ga.dtype),
+            state_shape,
+            state_shape,
+        ),
+        grid=pallas_scan._grid(plan, b),
+        in_specs=in_specs,
+        out_specs=(seq, seq, seq, state, state),
+        compiler_params=pallas_scan._compiler_params(plan),
+        interpret=config.interpret,
+        name="rg_lru_backward",
+    )(*args)
+
+
+# The differentiable function, built once per static configuration.
+
+
+def _kernel_inputs(config, x, gx, ga, w, pos, h0):
+    import jax.numpy as jnp
+
+    plan = config.plan
+    sequences = [pallas_scan._to_sequence(plan, v, 0) for v in (x, gx, ga)]
+    h0_k = None
+    if config.has_h0:
+        h0_k = pallas_scan._to_state(plan, h0.astype(jnp.float32))
+    return sequences + [_to_channels(plan, w), _to_positions(plan, pos), h0_k]
+
+
+@functools.cache
+def _differentiable(config):
+    import jax
+    import jax.numpy as jnp
+
+    plan = config.plan
+
+    def forward(x, gx, ga, w, pos, h0):
+        y_k, h_last = _forward_call(
+            config, *_kernel_inputs(config, x, gx, ga, w, pos, h0)
+        )
+        outputs = (
+            pallas_scan._from_sequence(plan, y_k),
+            pallas_scan._from_state(plan, h_last),
+        )
+        return outputs, y_k
+
+    @jax.custom_vjp
+    def rg_lru(x, gx, ga, w, pos, h0):
+        return forward(x, gx, ga, w, pos, h0)[0]
+
+    def rg_lru_fwd(x, gx, ga, w, pos, h0):
+        outputs, y_k = forward(x, gx, ga, w, pos, h0)
+        # The gates are recomputed from the inputs: nothing else is kept.
+        return outputs, (x, gx, ga, w, pos, h0, y_k)
+
+    def rg_lru_bwd(residuals, cotangents):
+        x, gx, ga, w, pos, h0, y_k = residuals
+        dy, dh_last = cotangents
+        inputs = _kernel_inputs(config, x, gx, ga, w, pos, h0)
+        dx, dgx, dga, dw, dh0 = _backward_call(
+            config,
+            *inputs[:5],
+            y_k,
+            pallas_scan._to_sequence(plan, dy.astype(jnp.float32), 0),
+            pallas_scan._to_state(plan, dh_last.astype(jnp.float32)),
+            inputs[5],
+        )
+        grads = [pallas_scan._from_sequence(plan, v) for v in (dx, dgx, dga)]
+        dw = pallas_scan._from_state(plan, dw).sum(axis=0)
+        dh0 = (
+            pallas_scan._from_state(plan, dh0).astype(h0.dtype)
+            if config.has_h0
+            else None
+        )
+        return (*grads, dw, None, dh0)
+
+    rg_lru.defvjp(rg_lru_fwd, rg_lru_bwd)
+    return jax.jit(rg_lru)
