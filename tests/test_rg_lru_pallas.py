@@ -84,8 +84,7 @@ def kernel(**kwargs):
 
 
 def assert_close(actual, expected, tol=TOL):
-    assert len(actual) == len(expected)
-    for act, exp in zip(actual, expected):
+    for act, exp in zip(actual, expected, strict=True):
         assert act.shape == exp.shape and act.dtype == exp.dtype
         np.testing.assert_allclose(
             np.asarray(act, "float32"), np.asarray(exp, "float32"), **tol
@@ -131,7 +130,7 @@ def test_bfloat16_inputs(platform):
     # The gates and the recurrence run in float32 on the rounded inputs.
     assert_close(outputs, expected_outputs)
     # Gradients come back in their inputs' dtypes, each rounded once.
-    for grad, expected in zip(grads, expected_grads):
+    for grad, expected in zip(grads, expected_grads, strict=True):
         assert grad.dtype == expected.dtype
         assert relative_error(grad, expected) <= BFLOAT16_RELATIVE
 

@@ -217,3 +217,41 @@ def test_every_kernel_compiles_for_gpu(capability, monkeypatch):
             options=triton_scan._launch_options(128),
         )
         assert compiled.asm["cubin"], kernel.fn.__name__
+
+
+def test_traced_graph_launches_the_kernel_again():
+    # The compiled torch decode step is a `make_fx` trace: the kernel must be
+    # a node of it, run again at each replay, not a launch seen once.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inputs = [v.detach() for v in random_inputs(2, 3, 8, seed=6)]
+    with torch.no_grad():
+        graph = make_fx(lambda *args: triton_rg_lru.rg_lru_triton(*args))(*inputs)
+        assert "keras_recurrentgemma.rg_lru_forward" in str(graph.graph)
+        new = random_inputs(2, 3, 8, seed=7)
+        new = [v.detach() for v in new[:4]] + [inputs[4], new[5].detach()]
+        assert_close(list(graph(*new)), list(reference(*new)))
+
+
+def test_compiled_decode_step_runs_the_fused_kernel(monkeypatch):
+    import warnings
+
+    from keras_recurrentgemma import RecurrentGemmaCausalLM
+    from keras_recurrentgemma import compiled_decode
+    from tests.models import tiny_causal_lm
+    from tests.test_compiled_decode import generate_ids
+
+    monkeypatch.setattr(compiled_decode, "_warned", set())
+    lm = tiny_causal_lm("griffin", sequence_length=12, scan_implementation="triton")
+    outputs = {}
+    for mode in ("graph", "eager"):
+        task = RecurrentGemmaCausalLM(lm.backbone, preprocessor=None)
+        task.compile(sampler="greedy")
+        task.torch_decode_mode = mode
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outputs[mode] = generate_ids(task, rows=([2, 5, 9],), max_length=12)
+        assert not [w for w in caught if "decoding eagerly" in str(w.message)]
+        if mode == "graph":
+            assert task._torch_decode.num_traces == 1
+    np.testing.assert_array_equal(outputs["graph"], outputs["eager"])

@@ -15,6 +15,8 @@ over `[b, t, l]` float32 memory. Here the forward kernel reads `x`, `z^x`,
 
 Each program owns one batch row and `BLOCK_L` channels and walks the sequence
 in order, as in `ops.triton_scan`, whose import and block-size rules apply.
+Both passes are torch custom ops (`keras_recurrentgemma::rg_lru_forward`,
+`::rg_lru_backward`), so a traced decode step replays the kernel.
 """
 
 import functools
@@ -53,7 +55,8 @@ def rg_lru_triton(x, gate_x, gate_a, a_param, segment_pos, h0=None, *, block_l=N
     elif block_l < 1 or block_l & (block_l - 1):
         raise ValueError(f"block_l must be a power of two, got {block_l}.")
     w = -_C * torch.nn.functional.softplus(a_param.float())
-    return _function().apply(x, gate_x, gate_a, w, segment_pos, h0, block_l)
+    pos = segment_pos.to(torch.int32)
+    return _forward_op()(x, gate_x, gate_a, w, pos, h0, block_l)
 
 
 def _check_inputs(x, gate_x, gate_a, a_param, segment_pos, h0):
@@ -94,80 +97,133 @@ def _check_inputs(x, gate_x, gate_a, a_param, segment_pos, h0):
 
 
 @functools.cache
-def _function():
+def _forward_op():
+    """The forward kernel as a torch custom op, with the backward as its autograd.
+
+    A custom op rather than an `autograd.Function`: tracing (`make_fx`, which
+    the compiled decode step uses, and `torch.compile`) records it as one
+    node and launches the kernel again at each replay, where a bare kernel
+    launch would be missing from the graph, its output left unwritten.
+    """
+    from typing import Optional
+
     import torch
     import triton
+    from torch import Tensor
 
-    class RGLRU(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, gate_x, gate_a, w, segment_pos, h0, block_l):
-            x, gate_x, gate_a = (v.contiguous() for v in (x, gate_x, gate_a))
-            w = w.contiguous()
-            pos = segment_pos.to(torch.int32).contiguous()
-            h0 = h0.contiguous() if h0 is not None else None
-            b, t, l = x.shape
-            y = torch.empty((b, t, l), dtype=torch.float32, device=x.device)
-            h_last = torch.empty((b, l), dtype=torch.float32, device=x.device)
-            forward, _ = _kernels(triton_scan._interpreting())
-            # A missing h0 is never read (HAS_H0 is False); any pointer will do.
-            forward[(b, triton.cdiv(l, block_l))](
-                x,
-                gate_x,
-                gate_a,
-                w,
-                pos,
-                h0 if h0 is not None else h_last,
-                y,
-                h_last,
-                t,
-                l,
-                HAS_H0=h0 is not None,
-                BLOCK_L=block_l,
-                **triton_scan._launch_options(block_l),
-            )
-            # The gates are recomputed from the inputs: nothing else is kept.
-            ctx.save_for_backward(x, gate_x, gate_a, w, pos, h0, y)
-            ctx.block_l = block_l
-            return y, h_last
+    @torch.library.custom_op("keras_recurrentgemma::rg_lru_forward", mutates_args=())
+    def forward_op(
+        x: Tensor,
+        gate_x: Tensor,
+        gate_a: Tensor,
+        w: Tensor,
+        pos: Tensor,
+        h0: Optional[Tensor],  # noqa: UP045 (custom_op parses the annotation)
+        block_l: int,
+    ) -> tuple[Tensor, Tensor]:
+        b, t, l = x.shape
+        y = torch.empty((b, t, l), dtype=torch.float32, device=x.device)
+        h_last = torch.empty((b, l), dtype=torch.float32, device=x.device)
+        forward, _ = _kernels(triton_scan._interpreting())
+        # A missing h0 is never read (HAS_H0 is False); any pointer will do.
+        forward[(b, triton.cdiv(l, block_l))](
+            x.contiguous(),
+            gate_x.contiguous(),
+            gate_a.contiguous(),
+            w.contiguous(),
+            pos.contiguous(),
+            h0.contiguous() if h0 is not None else h_last,
+            y,
+            h_last,
+            t,
+            l,
+            HAS_H0=h0 is not None,
+            BLOCK_L=block_l,
+            **triton_scan._launch_options(block_l),
+        )
+        return y, h_last
 
-        @staticmethod
-        def backward(ctx, dy, dh_last):
-            x, gate_x, gate_a, w, pos, h0, y = ctx.saved_tensors
-            b, t, l = x.shape
-            # Autograd hands unused cotangents over as stride-0 expansions.
-            dy = dy.float().contiguous()
-            dh_last = dh_last.float().contiguous()
-            dx = torch.empty_like(x)
-            dgate_x = torch.empty_like(gate_x)
-            dgate_a = torch.empty_like(gate_a)
-            dw_rows = torch.empty((b, l), dtype=torch.float32, device=x.device)
-            dh0 = torch.empty((b, l), dtype=torch.float32, device=x.device)
-            _, backward = _kernels(triton_scan._interpreting())
-            backward[(b, triton.cdiv(l, ctx.block_l))](
-                x,
-                gate_x,
-                gate_a,
-                w,
-                pos,
-                h0 if h0 is not None else dh_last,
-                y,
-                dy,
-                dh_last,
-                dx,
-                dgate_x,
-                dgate_a,
-                dw_rows,
-                dh0,
-                t,
-                l,
-                HAS_H0=h0 is not None,
-                BLOCK_L=ctx.block_l,
-                **triton_scan._launch_options(ctx.block_l),
-            )
-            dh0 = dh0.to(h0.dtype) if h0 is not None else None
-            return dx, dgate_x, dgate_a, dw_rows.sum(0), None, dh0, None
+    @forward_op.register_fake
+    def _(x, gate_x, gate_a, w, pos, h0, block_l):
+        b, _, l = x.shape
+        return x.new_empty(x.shape, dtype=torch.float32), x.new_empty(
+            (b, l), dtype=torch.float32
+        )
 
-    return RGLRU
+    @torch.library.custom_op("keras_recurrentgemma::rg_lru_backward", mutates_args=())
+    def backward_op(
+        x: Tensor,
+        gate_x: Tensor,
+        gate_a: Tensor,
+        w: Tensor,
+        pos: Tensor,
+        h0: Optional[Tensor],  # noqa: UP045
+        y: Tensor,
+        dy: Tensor,
+        dh_last: Tensor,
+        block_l: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        b, t, l = x.shape
+        x, gate_x, gate_a = (v.contiguous() for v in (x, gate_x, gate_a))
+        dx = torch.empty_like(x)
+        dgate_x = torch.empty_like(gate_x)
+        dgate_a = torch.empty_like(gate_a)
+        dw_rows = torch.empty((b, l), dtype=torch.float32, device=x.device)
+        dh0 = torch.empty((b, l), dtype=torch.float32, device=x.device)
+        # Autograd hands unused cotangents over as stride-0 expansions.
+        dh_last = dh_last.float().contiguous()
+        _, backward = _kernels(triton_scan._interpreting())
+        backward[(b, triton.cdiv(l, block_l))](
+            x,
+            gate_x,
+            gate_a,
+            w.contiguous(),
+            pos.contiguous(),
+            h0.contiguous() if h0 is not None else dh_last,
+            y.contiguous(),
+            dy.float().contiguous(),
+            dh_last,
+            dx,
+            dgate_x,
+            dgate_a,
+            dw_rows,
+            dh0,
+            t,
+            l,
+            HAS_H0=h0 is not None,
+            BLOCK_L=block_l,
+            **triton_scan._launch_options(block_l),
+        )
+        return dx, dgate_x, dgate_a, dw_rows.sum(0), dh0
+
+    @backward_op.register_fake
+    def _(x, gate_x, gate_a, w, pos, h0, y, dy, dh_last, block_l):
+        b, _, l = x.shape
+        state = x.new_empty((b, l), dtype=torch.float32)
+        return (
+            torch.empty_like(x),
+            torch.empty_like(gate_x),
+            torch.empty_like(gate_a),
+            w.new_empty(w.shape, dtype=torch.float32),
+            state,
+        )
+
+    def setup_context(ctx, inputs, output):
+        x, gate_x, gate_a, w, pos, h0, block_l = inputs
+        # The gates are recomputed from the inputs: nothing else is kept.
+        ctx.save_for_backward(x, gate_x, gate_a, w, pos, h0, output[0])
+        ctx.block_l = block_l
+
+    def backward(ctx, dy, dh_last):
+        x, gate_x, gate_a, w, pos, h0, y = ctx.saved_tensors
+        dx, dgate_x, dgate_a, dw, dh0 = backward_op(
+            x, gate_x, gate_a, w, pos, h0, y, dy, dh_last, ctx.block_l
+        )
+        dh0 = dh0.to(h0.dtype) if h0 is not None else None
+        return dx, dgate_x, dgate_a, dw, None, dh0, None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return forward_op
 
 
 @functools.cache

@@ -15,6 +15,11 @@ The backward pass is the same recurrence run in reverse on the cotangents:
     g_t = dy_t + a_{t+1} ⊙ g_{t+1}   (g_{T-1} also gets dh_last)
     dx_t = g_t,   da_t = g_t ⊙ h_{t-1},   dh0 = a_0 ⊙ g_0
 
+The layers do not call this scan: they run `ops.triton_rg_lru`, which also
+computes the gates and is a torch custom op, so that traced graphs (`make_fx`,
+`torch.compile`) launch it at each replay. This one is an `autograd.Function`
+for callers of `rg_lru_scan(..., implementation="triton")` on eager tensors.
+
 Triton is imported, and the kernels decorated, at first use: importing this
 module under the jax or tensorflow backend, or without triton, costs nothing,
 and `TRITON_INTERPRET=1` (which Triton reads when a kernel is decorated) can
