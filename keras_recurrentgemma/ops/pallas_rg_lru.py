@@ -28,8 +28,9 @@ Backward, with `g_t` the gradient reaching `h_t` (see `pallas_scan`):
 
 inside documents (all zero on padding; only `dx`, `dz^x` at resets), where
 `s_t = sqrt(max(1 − a_t², 1/(4·1000²)))` caps sqrt's derivative at 1000 as
-the official model does. `Λ`'s gradient flows through `w` outside the
-kernel.
+the official model does. `1 − a_t²` is `−expm1(2 log a_t)` (see
+`_one_minus_exp`), as in the `keras.ops` gates. `Λ`'s gradient flows through
+`w` outside the kernel.
 
 The block layout, padding and platforms are those of `pallas_scan`. The
 positions of a program's time steps are read as scalars: a `[t]` block on GPU,
@@ -42,7 +43,7 @@ from typing import NamedTuple
 
 from keras_recurrentgemma.ops import pallas_scan
 
-# sqrt'(x) is capped at 1000 (as in `layers.rg_lru.sqrt_bound_derivative`).
+# sqrt'(x) is capped at 1000 (as in `ops.rg_lru.sqrt_bound_derivative`).
 _SQRT_FLOOR = 1.0 / (4.0 * 1000.0**2)
 _C = 8.0
 
