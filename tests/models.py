@@ -23,6 +23,23 @@ def randomize(model, seed=0, scale=0.5):
         w.assign(values.astype(w.dtype if w.dtype != "bfloat16" else "float32"))
 
 
+def document_positions(b, t, seed):
+    """`segment_pos` `[b, t]` (int32) for the kernel tests: each row continues
+    a document (so `h0` matters), starts a new one inside the row, and every
+    other row ends in two padding steps (-1)."""
+    rng = np.random.default_rng(seed)
+    pos = np.empty((b, t), "int32")
+    for row in range(b):
+        start = int(rng.integers(0, 50))
+        pos[row] = np.arange(start, start + t)
+        if t > 3:
+            cut = int(rng.integers(1, t - 1))
+            pos[row, cut:] = np.arange(t - cut)
+        if row % 2 and t > 2:
+            pos[row, -2:] = -1
+    return pos
+
+
 def tiny_causal_lm(
     config="griffin",
     sequence_length=32,

@@ -21,6 +21,7 @@ from keras_recurrentgemma.ops import rg_lru  # noqa: E402
 from keras_recurrentgemma.ops import rg_lru_gates  # noqa: E402
 from keras_recurrentgemma.ops import rg_lru_scan_reference  # noqa: E402
 from keras_recurrentgemma.ops.pallas_rg_lru import rg_lru_pallas  # noqa: E402
+from tests.models import document_positions  # noqa: E402
 from tests.tolerances import SELF_CONSISTENCY  # noqa: E402
 from tests.tolerances import relative_error  # noqa: E402
 
@@ -28,21 +29,6 @@ TOL = SELF_CONSISTENCY["float32"]
 # A 16-bit gradient is the float32 one rounded once (unit roundoff 2^-8),
 # measured against the largest element.
 BFLOAT16_RELATIVE = 2**-7
-
-
-def positions(b, t, seed):
-    """Rows that continue a document, start new ones, and end in padding."""
-    rng = np.random.default_rng(seed)
-    pos = np.empty((b, t), "int32")
-    for row in range(b):
-        start = int(rng.integers(0, 50))  # Mid-document: h0 matters.
-        pos[row] = np.arange(start, start + t)
-        if t > 3:
-            cut = int(rng.integers(1, t - 1))
-            pos[row, cut:] = np.arange(t - cut)  # A document starts at `cut`.
-        if row % 2 and t > 2:
-            pos[row, -2:] = -1  # Right padding.
-    return pos
 
 
 def random_inputs(b, t, l, seed, dtype="float32"):
@@ -53,7 +39,7 @@ def random_inputs(b, t, l, seed, dtype="float32"):
     )
     a_param = jnp.asarray(rng.normal(size=(l,)), dtype)
     h0 = jnp.asarray(rng.normal(size=(b, l)), "float32")
-    return (x, gate_x, gate_a, a_param, positions(b, t, seed), h0)
+    return (x, gate_x, gate_a, a_param, document_positions(b, t, seed), h0)
 
 
 def vjp(fn, inputs, with_h0, seed=0):

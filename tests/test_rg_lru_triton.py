@@ -32,6 +32,7 @@ from keras_recurrentgemma.ops import rg_lru_gates  # noqa: E402
 from keras_recurrentgemma.ops import rg_lru_scan_reference  # noqa: E402
 from keras_recurrentgemma.ops import triton_rg_lru  # noqa: E402
 from keras_recurrentgemma.ops import triton_scan  # noqa: E402
+from tests.models import document_positions  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = SELF_CONSISTENCY["float32"]
@@ -47,21 +48,6 @@ def _interpreter_on_cpu(request, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def positions(b, t, seed):
-    """Rows that continue a document, start new ones, and end in padding."""
-    rng = np.random.default_rng(seed)
-    pos = np.empty((b, t), "int64")
-    for row in range(b):
-        start = int(rng.integers(0, 50))  # Mid-document: h0 matters.
-        pos[row] = np.arange(start, start + t)
-        if t > 3:
-            cut = int(rng.integers(1, t - 1))
-            pos[row, cut:] = np.arange(t - cut)
-        if row % 2 and t > 2:
-            pos[row, -2:] = -1
-    return torch.tensor(pos, device=DEVICE)
-
-
 def random_inputs(b, t, l, seed, dtype=torch.float32):
     rng = np.random.default_rng(seed)
 
@@ -72,7 +58,8 @@ def random_inputs(b, t, l, seed, dtype=torch.float32):
     x, gate_x, gate_a = (tensor(b, t, l) for _ in range(3))
     a_param = tensor(l)
     h0 = tensor(b, l, dtype=torch.float32)
-    return x, gate_x, gate_a, a_param, positions(b, t, seed), h0
+    pos = torch.tensor(document_positions(b, t, seed), device=DEVICE)
+    return x, gate_x, gate_a, a_param, pos, h0
 
 
 def reference(x, gate_x, gate_a, a_param, pos, h0):
