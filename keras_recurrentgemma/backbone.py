@@ -16,6 +16,7 @@ from keras_recurrentgemma.layers import SegmentPositions
 from keras_recurrentgemma.layers.dense import check_quantization_mode
 from keras_recurrentgemma.layers.dense import quantizable_layers
 from keras_recurrentgemma.layers.embedding import ReversibleEmbedding
+from keras_recurrentgemma.layers.initialization import initializer
 from keras_recurrentgemma.saving import atomic_preset_dir
 
 
@@ -146,8 +147,8 @@ class RecurrentGemmaBackbone(Backbone):
             output_dim=hidden_dim,
             tie_weights=True,
             logit_soft_cap=logits_soft_cap or None,
-            embeddings_initializer=keras.initializers.RandomNormal(
-                stddev=1.0 / math.sqrt(hidden_dim)
+            embeddings_initializer=initializer(
+                keras.initializers.RandomNormal(stddev=1.0 / math.sqrt(hidden_dim))
             ),
             dtype=dtype,
             name="token_embedding",

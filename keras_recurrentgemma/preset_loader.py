@@ -34,6 +34,7 @@ from keras_hub.src.utils import preset_utils
 
 from keras_recurrentgemma import downloads
 from keras_recurrentgemma import presets as named_presets
+from keras_recurrentgemma.layers.initialization import skip_random_initialization
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -151,6 +152,11 @@ def check_serialized_backbone(config, path):
         raise ValueError(f"{path}: {e}") from e
 
 
+def _initialization(load_weights):
+    """No random initial values for a model whose weights are loaded next."""
+    return skip_random_initialization() if load_weights else contextlib.nullcontext()
+
+
 class KerasFormatLoader(preset_utils.KerasPresetLoader):
     """KerasHub's loader, with errors that name the file at fault.
 
@@ -179,7 +185,9 @@ class KerasFormatLoader(preset_utils.KerasPresetLoader):
     def load_backbone(self, cls, load_weights, **kwargs):
         path = os.path.join(self.preset, preset_utils.CONFIG_FILE)
         check_serialized_backbone(self.config, path)
-        with self._reading_file(preset_utils.CONFIG_FILE):
+        with self._reading_file(preset_utils.CONFIG_FILE), _initialization(
+            load_weights
+        ):
             return super().load_backbone(cls, load_weights, **kwargs)
 
     def load_task(self, cls, load_weights, load_task_weights, **kwargs):
@@ -196,7 +204,7 @@ class KerasFormatLoader(preset_utils.KerasPresetLoader):
             check_serialized_backbone(
                 self.config, os.path.join(self.preset, preset_utils.CONFIG_FILE)
             )
-        with self._reading_file(filename):
+        with self._reading_file(filename), _initialization(load_weights):
             return super().load_task(cls, load_weights, load_task_weights, **kwargs)
 
     def load_tokenizer(

@@ -1,16 +1,22 @@
 """What every converter shares: tracked source tensors and an all-or-nothing load.
 
 A converter reads tensors from a `TensorSource` (which remembers what was
-read) and produces `{keras_variable_path: (source_key, array)}`.
+read) and produces `{keras_variable_path: (source_key, array)}`, where an
+array may be a `LazyTensor`: a shape and a way to read it, not its data.
 `assign_backbone_weights` checks every shape before touching the model, so a
-bad checkpoint is an error naming the tensor, never a partial load.
+bad checkpoint is an error naming the tensor, never a partial load; then it
+reads, converts and assigns one tensor at a time, so a released model loads
+in about its own size of host memory.
 """
 
 import contextlib
 import contextvars
 import json
 
+import keras
+import ml_dtypes
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 # Set by `show_progress()`: converters then report each tensor they load.
 _SHOW_PROGRESS = contextvars.ContextVar("show_progress", default=False)
@@ -28,6 +34,77 @@ def show_progress():
         yield
     finally:
         _SHOW_PROGRESS.reset(token)
+
+
+class LazyTensor:
+    """A checkpoint tensor that is read only when it is assigned.
+
+    Converters transpose, index and reshape it as they would an array; each
+    operation is recorded and applied to the data when `read()` runs, so a
+    converter can check every shape of a 9B checkpoint from the file
+    headers alone and hold one tensor at a time.
+
+    Args:
+        shape: tuple of ints.
+        dtype: numpy dtype of the data `read()` returns.
+        read: callable returning the tensor as a numpy array.
+        read_rows: optional callable `(start, stop)` returning rows
+            `start:stop` of the first axis without reading the rest; then
+            `tensor[start:stop]` reads only those rows.
+    """
+
+    def __init__(self, shape, dtype, read, read_rows=None):
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self._read = read
+        self._read_rows = read_rows
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def _then(self, fn):
+        # The new shape is what `fn` gives on a zero-stride stand-in of this
+        # shape: no memory, and exactly numpy's indexing and transpose rules.
+        shape = fn(as_strided(np.zeros((), self.dtype), self.shape, (0,) * self.ndim))
+        return LazyTensor(shape.shape, self.dtype, lambda: fn(self._read()))
+
+    @property
+    def T(self):
+        return self._then(np.transpose)
+
+    def __getitem__(self, index):
+        if (
+            self._read_rows is not None
+            and isinstance(index, slice)
+            and index.step in (None, 1)
+        ):
+            start, stop, _ = index.indices(self.shape[0])
+            stop = max(start, stop)
+            return LazyTensor(
+                (stop - start,) + self.shape[1:],
+                self.dtype,
+                lambda: self._read_rows(start, stop),
+            )
+        return self._then(lambda a: a[index])
+
+    def reshape(self, *shape):
+        return self._then(lambda a: a.reshape(*shape))
+
+    def read(self):
+        """The tensor's data, as a numpy array."""
+        return np.asarray(self._read())
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.read()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
 
 
 class TensorSource:
@@ -50,7 +127,11 @@ class TensorSource:
         return self.tensors.keys()
 
     def take(self, key):
-        """Returns tensor `key` as a numpy array; a clear error if absent."""
+        """Returns tensor `key`: a numpy array, or a `LazyTensor` left unread.
+
+        Raises:
+            ValueError: naming the key and the checkpoint, if it is absent.
+        """
         if key not in self.tensors:
             raise ValueError(
                 f"{self.source}: missing tensor `{key}`. "
@@ -74,7 +155,12 @@ class TensorSource:
 
 
 def to_numpy(x):
-    """Converts a tensor from any framework to numpy, keeping bfloat16."""
+    """Converts a tensor from any framework to numpy, keeping bfloat16.
+
+    A `LazyTensor` stays unread (`assign_backbone_weights` reads it).
+    """
+    if isinstance(x, LazyTensor):
+        return x
     if hasattr(x, "detach"):  # torch
         import torch
 
@@ -90,9 +176,16 @@ def to_numpy(x):
 def assign_backbone_weights(backbone, tensors, source):
     """Loads converted tensors into `backbone`, all or nothing.
 
+    Every name and shape is checked first (from the file headers, for lazy
+    tensors); then each tensor is read, cast to its variable's dtype,
+    assigned and dropped before the next is read, so the peak host memory
+    is the model plus its largest tensor (twice, while cast).
+
     Args:
         backbone: a built `RecurrentGemmaBackbone`.
-        tensors: dict `{variable.path: (source_key, array)}`.
+        tensors: dict `{variable.path: (source_key, array or LazyTensor)}`.
+            It is emptied as the tensors are assigned, so that nothing
+            keeps an assigned array alive.
         source: str, for error messages.
 
     Raises:
@@ -118,14 +211,100 @@ def assign_backbone_weights(backbone, tensors, source):
                 f"{source}: tensor `{key}` has shape {tuple(array.shape)}, but "
                 f"model variable `{path}` needs {want}."
             )
-    items = tensors.items()
+    paths = list(tensors)
     if _SHOW_PROGRESS.get():
         from tqdm.auto import tqdm
 
-        items = tqdm(items, desc="Loading weights", unit="tensor", total=len(tensors))
-    for path, (_, array) in items:
+        paths = tqdm(paths, desc="Loading weights", unit="tensor")
+    for path in paths:
+        _, array = tensors.pop(path)
         variable = variables[path]
-        variable.assign(np.asarray(array).astype(variable.dtype))
+        if isinstance(array, LazyTensor):
+            array = array.read()
+        _release(variable)
+        tensor = backend_tensor(host_copy(array, variable.dtype))
+        # The host array goes before `assign` makes the variable's copy (on
+        # torch the tensor shares it, so nothing is freed early there).
+        del array
+        variable.assign(tensor)
+        del tensor
+
+
+def _release(variable):
+    """Frees a JAX variable's placeholder value before its real one arrives.
+
+    JAX arrays are immutable: `assign` makes a new buffer and frees the old
+    one only after, so without this the zero placeholder and the tensor
+    coexist (2.6 GB for the released 2B's embedding). torch and TensorFlow
+    assign in place. KerasHub's preset loader does the same
+    (`preset_utils.jax_memory_cleanup`), with the same exception for
+    sharded arrays, which a distributed computation may still reference.
+    """
+    if keras.config.backend() != "jax":
+        return
+    value = variable.value
+    if getattr(value, "sharding", None) is not None and len(value.devices()) > 1:
+        return
+    value.delete()
+
+
+def backend_tensor(array):
+    """A numpy array as a backend tensor, bfloat16 included, in at most one copy.
+
+    torch knows no `ml_dtypes.bfloat16`: Keras converts such arrays through
+    float32 (2.6 GB more for the released embedding, and slow) and copies
+    even other dtypes, while `torch.from_numpy` shares the array (bfloat16
+    as int16 bits, viewed back) and `assign` then copies it into the
+    variable, on any device.
+    """
+    from keras import ops
+
+    if keras.config.backend() == "torch":
+        import torch
+
+        if array.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
+    if array.dtype == ml_dtypes.bfloat16:
+        # jax copies a bfloat16 array twice on the way in, its int16 bits once.
+        return ops.view(ops.convert_to_tensor(array.view(np.int16)), "bfloat16")
+    return ops.convert_to_tensor(array)
+
+
+def _transpose_2d(array, tile=256):
+    """`np.ascontiguousarray(array)` for a transposed (Fortran-order) matrix.
+
+    Copied in square tiles that stay in cache, and as unsigned integers of
+    the same width (numpy has no fast copy loop for `ml_dtypes.bfloat16`):
+    about 3x faster than numpy's one-pass copy for the released kernels.
+    """
+    bits = array.view(np.dtype(f"u{array.dtype.itemsize}"))
+    out = np.empty(bits.shape, bits.dtype)
+    rows, cols = bits.shape
+    for i in range(0, rows, tile):
+        for j in range(0, cols, tile):
+            out[i : i + tile, j : j + tile] = bits[i : i + tile, j : j + tile]
+    return out.view(array.dtype)
+
+
+def host_copy(array, dtype):
+    """`array` as a C-contiguous, writable numpy array in `dtype`.
+
+    At most one copy, none for a freshly read tensor already in `dtype`:
+    a transposed view, another dtype, or a read-only (memory-mapped) array
+    is copied once. Backends may alias the array they are given, so a
+    read-only map is never handed over as is.
+    """
+    array = np.asarray(array)
+    dtype = np.dtype(dtype)
+    if array.ndim == 2 and array.flags.f_contiguous and not array.flags.c_contiguous:
+        array = _transpose_2d(array)
+        return array if array.dtype == dtype else array.astype(dtype)
+    if array.dtype != dtype:
+        return array.astype(dtype, order="C")
+    if array.flags.c_contiguous and array.flags.writeable:
+        return array
+    return np.array(array, order="C", copy=True)
 
 
 def read_json_object(path):

@@ -13,9 +13,11 @@ import struct
 
 import numpy as np
 
+from keras_recurrentgemma.convert.common import LazyTensor
 from keras_recurrentgemma.convert.common import TensorSource
 from keras_recurrentgemma.convert.common import assign_backbone_weights
 from keras_recurrentgemma.convert.common import read_json_object
+from keras_recurrentgemma.layers.initialization import skip_random_initialization
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -258,28 +260,37 @@ def is_huggingface_checkpoint(path):
         return False
 
 
-def _bf16_from_header(filename, key, header_size, info):
-    """Reads one BF16 tensor straight from the file as `ml_dtypes.bfloat16`.
+# safetensors dtype names as numpy dtypes; BF16 is ml_dtypes' bfloat16.
+_NUMPY_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64"}
 
-    `safe_open(framework="numpy")` raises on BF16 because numpy has no such
-    dtype, so use the offsets of the (already validated) header instead.
+
+def _numpy_dtype(name):
+    if name == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_NUMPY_DTYPES[name])
+
+
+def _read(filename, dtype, offset, shape):
+    """One tensor's bytes, read (not mapped) into a fresh array.
+
+    A plain read leaves no file pages counted against the process once the
+    array is dropped, and gives an array backends may take without a copy.
     """
-    import ml_dtypes
-
-    start, end = info["data_offsets"]
-    with open(filename, "rb") as f:
-        f.seek(8 + header_size + start)
-        raw = f.read(end - start)
-    count = int(np.prod(info["shape"], dtype=np.int64))
-    if len(raw) != 2 * count:
-        raise ValueError(f"{filename}: tensor `{key}` is truncated.")
-    return np.frombuffer(raw, np.uint16).view(ml_dtypes.bfloat16).reshape(info["shape"])
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.fromfile(filename, dtype=dtype, count=count, offset=offset)
+    if array.size != count:
+        raise ValueError(f"{filename}: truncated; a tensor ends past the file.")
+    return array.reshape(shape)
 
 
-def read_safetensors(filename):
-    """Reads every tensor of one `.safetensors` file into numpy arrays.
+def open_safetensors(filename):
+    """The tensors of one `.safetensors` file, as unread `LazyTensor`s.
 
-    BF16 tensors come back as `ml_dtypes.bfloat16` arrays.
+    The header (names, dtypes, shapes, offsets) is read and checked now;
+    each tensor's data only when it is assigned, so loading holds one
+    tensor at a time. BF16 tensors read as `ml_dtypes.bfloat16` arrays.
 
     Raises:
         ValueError: naming the file if it is truncated or corrupt, or a
@@ -288,35 +299,62 @@ def read_safetensors(filename):
     from safetensors import safe_open
 
     try:
+        # safetensors checks that the header parses and that every tensor's
+        # bytes lie inside the file; it reads no tensor data here.
         with safe_open(filename, framework="numpy") as f:
-            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
-            tensors = {
-                key: f.get_tensor(key)
-                for key, dtype in dtypes.items()
-                if dtype != "BF16"
-            }
-    except Exception as e:  # SafetensorError is not importable by name.
-        raise ValueError(f"{filename}: not a readable safetensors file ({e}).") from e
-    bad = {k: d for k, d in dtypes.items() if d not in _FLOAT_DTYPES}
-    if bad:
-        raise ValueError(f"{filename}: tensors with non-float dtypes {bad}.")
-    if "BF16" in dtypes.values():
+            keys = list(f.keys())
         with open(filename, "rb") as f:
             (header_size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(header_size))
-        for key, dtype in dtypes.items():
-            if dtype == "BF16":
-                tensors[key] = _bf16_from_header(
-                    filename, key, header_size, header[key]
-                )
+    except Exception as e:  # SafetensorError is not importable by name.
+        raise ValueError(f"{filename}: not a readable safetensors file ({e}).") from e
+    dtypes = {key: header[key]["dtype"] for key in keys}
+    bad = {k: d for k, d in dtypes.items() if d not in _FLOAT_DTYPES}
+    if bad:
+        raise ValueError(f"{filename}: tensors with non-float dtypes {bad}.")
+    tensors = {}
+    for key in keys:
+        info = header[key]
+        dtype = _numpy_dtype(info["dtype"])
+        shape = tuple(info["shape"])
+        start, end = info["data_offsets"]
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - start != count * dtype.itemsize:
+            raise ValueError(
+                f"{filename}: tensor `{key}` has {end - start} bytes for shape "
+                f"{list(shape)} of {info['dtype']}."
+            )
+
+        offset = 8 + header_size + start
+        row = count // shape[0] if shape and shape[0] else 0
+
+        def read(offset=offset, dtype=dtype, shape=shape):
+            return _read(filename, dtype, offset, shape)
+
+        def read_rows(first, stop, offset=offset, dtype=dtype, row=row, shape=shape):
+            skip = offset + first * row * dtype.itemsize
+            return _read(filename, dtype, skip, (stop - first,) + shape[1:])
+
+        tensors[key] = LazyTensor(
+            shape, dtype, read, read_rows if shape else None
+        )
     return tensors
 
 
+def read_safetensors(filename):
+    """Reads every tensor of one `.safetensors` file into numpy arrays.
+
+    Raises:
+        ValueError: as `open_safetensors`.
+    """
+    return {key: t.read() for key, t in open_safetensors(filename).items()}
+
+
 def read_checkpoint_tensors(path):
-    """Reads all tensors of a single-file or sharded safetensors checkpoint.
+    """All tensors of a single-file or sharded safetensors checkpoint, unread.
 
     Returns:
-        dict `{key: numpy array}`.
+        dict `{key: LazyTensor}`; every header has been checked.
 
     Raises:
         ValueError: naming the file if there are no safetensors weights, the
@@ -326,7 +364,7 @@ def read_checkpoint_tensors(path):
     single = os.path.join(path, WEIGHTS_FILE)
     index = os.path.join(path, WEIGHTS_INDEX_FILE)
     if os.path.isfile(single):
-        return read_safetensors(single)
+        return open_safetensors(single)
     if not os.path.isfile(index):
         raise ValueError(
             f"{path}: no weights; expected {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} "
@@ -343,7 +381,7 @@ def read_checkpoint_tensors(path):
         filename = os.path.join(path, shard)
         if not os.path.isfile(filename):
             raise ValueError(f"{index}: shard {shard} does not exist.")
-        shard_tensors = read_safetensors(filename)
+        shard_tensors = open_safetensors(filename)
         expected = {k for k, v in weight_map.items() if v == shard}
         if set(shard_tensors) != expected:
             raise ValueError(
@@ -431,6 +469,17 @@ def _transform(array, transform, key, source):
     return array
 
 
+def _same_tensor(a, b, rows=16384):
+    """`np.array_equal` of two (lazy) tensors, a block of rows at a time."""
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    for start in range(0, max(a.shape[0], 1), rows):
+        block = slice(start, start + rows)
+        if not np.array_equal(a[block], b[block]):
+            return False
+    return True
+
+
 def convert_weights(backbone, tensors, source):
     """Maps HF tensors to `{variable path: (HF key, array)}`.
 
@@ -448,7 +497,7 @@ def convert_weights(backbone, tensors, source):
     if "lm_head.weight" in source_tensors:
         lm_head = source_tensors.take("lm_head.weight")
         embedding = converted["token_embedding/embeddings"][1]
-        if lm_head.shape != embedding.shape or not np.array_equal(lm_head, embedding):
+        if not _same_tensor(lm_head, embedding):
             raise ValueError(
                 f"{source}: tensor `lm_head.weight` differs from "
                 "`model.embed_tokens.weight`; only tied output embeddings "
@@ -492,9 +541,10 @@ def backbone_from_huggingface(path, dtype=None, **kwargs):
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from e
     tensors = read_checkpoint_tensors(path)
-    backbone = RecurrentGemmaBackbone(
-        **config, dtype="float32" if dtype is None else dtype, **kwargs
-    )
+    with skip_random_initialization():
+        backbone = RecurrentGemmaBackbone(
+            **config, dtype="float32" if dtype is None else dtype, **kwargs
+        )
     converted = convert_weights(backbone, tensors, source=path)
     assign_backbone_weights(backbone, converted, source=path)
     return backbone

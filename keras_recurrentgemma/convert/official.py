@@ -23,6 +23,7 @@ import numpy as np
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
 from keras_recurrentgemma.convert.common import TensorSource
 from keras_recurrentgemma.convert.common import assign_backbone_weights
+from keras_recurrentgemma.layers.initialization import skip_random_initialization
 
 _SOURCE = "official Flax checkpoint"
 
@@ -283,10 +284,10 @@ def build_backbone(params, dtype, config_overrides, where):
     for i, block_type in enumerate(config["block_types"]):
         tensors.update(_block_tensors(source, i, block_type))
     # Missing and extra tensors are caught before the model is built: building
-    # allocates (and randomly initialises) every weight, which is slow for the
-    # released sizes.
+    # allocates every weight, which is slow for the released sizes.
     source.check_all_used()
-    backbone = RecurrentGemmaBackbone(**config, dtype=dtype)
+    with skip_random_initialization():
+        backbone = RecurrentGemmaBackbone(**config, dtype=dtype)
     assign_backbone_weights(backbone, tensors, where)
     return backbone
 

@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_recurrentgemma.layers.initialization import initializer
+
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
 class BlockDiagonalLinear(keras.layers.Layer):
@@ -40,8 +42,10 @@ class BlockDiagonalLinear(keras.layers.Layer):
         self.w = self.add_weight(
             name="w",
             shape=(self.num_blocks, self.block_width, self.block_width),
-            initializer=keras.initializers.RandomNormal(
-                stddev=1.0 / math.sqrt(self.block_width)
+            initializer=initializer(
+                keras.initializers.RandomNormal(
+                    stddev=1.0 / math.sqrt(self.block_width)
+                )
             ),
         )
         self.b = self.add_weight(

@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_recurrentgemma.layers.initialization import initializer
+
 
 def document_ids(segment_pos):
     """Numbers the documents in each row: `cumsum(segment_pos == 0)`.
@@ -67,8 +69,10 @@ class Conv1D(keras.layers.Layer):
         self.w = self.add_weight(
             name="w",
             shape=(self.temporal_width, width),
-            initializer=keras.initializers.RandomNormal(
-                stddev=math.sqrt(0.01 / self.temporal_width)
+            initializer=initializer(
+                keras.initializers.RandomNormal(
+                    stddev=math.sqrt(0.01 / self.temporal_width)
+                )
             ),
         )
         self.b = self.add_weight(name="b", shape=(width,), initializer="zeros")

@@ -7,6 +7,7 @@ import keras
 from keras_hub.layers import ReversibleEmbedding
 
 from keras_recurrentgemma.layers import embedding
+from keras_recurrentgemma.layers.initialization import initializer
 
 # Keras has integer kernels for exactly these classes and refuses subclasses
 # (their `call` could read the float kernel). KerasHub's `ReversibleEmbedding`
@@ -42,8 +43,10 @@ def fan_in_dense(units, name, dtype, use_bias=True, scale=1.0):
     return keras.layers.Dense(
         units,
         use_bias=use_bias,
-        kernel_initializer=keras.initializers.VarianceScaling(
-            scale, mode="fan_in", distribution="normal"
+        kernel_initializer=initializer(
+            keras.initializers.VarianceScaling(
+                scale, mode="fan_in", distribution="normal"
+            )
         ),
         dtype=dtype,
         name=name,

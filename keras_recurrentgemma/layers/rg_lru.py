@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from keras_recurrentgemma.layers.block_diagonal_linear import BlockDiagonalLinear
+from keras_recurrentgemma.layers.initialization import initializer
 from keras_recurrentgemma.ops import rg_lru
 
 
@@ -81,7 +82,7 @@ class RGLRU(keras.layers.Layer):
         self.a_param = self.add_weight(
             name="a_param",
             shape=(input_shape[-1],),
-            initializer=RingInitializer(),
+            initializer=initializer(RingInitializer()),
         )
         self.input_gate.build(input_shape)
         self.a_gate.build(input_shape)

@@ -1,0 +1,190 @@
+"""Loading streams: headers first, then one tensor at a time, no random draws.
+
+The released 2B and 9B only load in the host memory Kaggle has if no copy of
+the checkpoint is held beside the model and no random initial values are
+drawn for weights that are about to be overwritten. These tests prove the
+mechanisms on tiny checkpoints; `tools/benchmark_real_size.py` measures the
+released sizes.
+"""
+
+import weakref
+
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+
+from keras_recurrentgemma import RecurrentGemmaBackbone
+from keras_recurrentgemma.convert import common
+from keras_recurrentgemma.convert import huggingface
+from keras_recurrentgemma.layers.initialization import skip_random_initialization
+from tests.models import assert_same_weights
+from tests.models import write_tiny_hf_checkpoint
+
+RANDOM_FUNCTIONS = ("normal", "uniform", "truncated_normal")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture
+def random_draws(monkeypatch):
+    """Counts calls of the backend's random number generators."""
+    from keras.src.backend import random as backend_random
+
+    calls = []
+    for name in RANDOM_FUNCTIONS:
+        original = getattr(backend_random, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(backend_random, name, counted)
+    return calls
+
+
+def test_random_draws_are_counted(random_draws, hf_dir):
+    # Without this the next test could pass because nothing was counted.
+    config = huggingface.config_from_huggingface(huggingface.read_config(hf_dir))
+    RecurrentGemmaBackbone(**config)
+    assert random_draws
+
+
+def test_loading_draws_no_random_numbers(random_draws, hf_dir):
+    backbone = RecurrentGemmaBackbone.from_preset(hf_dir)
+    assert random_draws == []
+    # Every weight came from the file, none was left at its zero start.
+    for variable in backbone.weights:
+        if "bias" in variable.path or variable.path.endswith("/b"):
+            continue
+        assert np.any(keras.ops.convert_to_numpy(variable)), variable.path
+
+
+def test_skip_random_initialization_is_scoped(random_draws, hf_dir):
+    config = huggingface.config_from_huggingface(huggingface.read_config(hf_dir))
+    with skip_random_initialization():
+        zeros = RecurrentGemmaBackbone(**config)
+    assert random_draws == []
+    assert not np.any(keras.ops.convert_to_numpy(zeros.token_embedding.embeddings))
+    RecurrentGemmaBackbone(**config)
+    assert random_draws
+
+
+def test_keras_preset_load_draws_no_random_numbers(random_draws, hf_dir, tmp_path):
+    backbone = RecurrentGemmaBackbone.from_preset(hf_dir)
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    random_draws.clear()
+    loaded = RecurrentGemmaBackbone.from_preset(str(tmp_path / "preset"))
+    assert random_draws == []
+    assert_same_weights(backbone, loaded)
+
+
+def test_hf_load_holds_one_tensor_at_a_time(monkeypatch, hf_dir):
+    """Each tensor's map is gone before the next one is opened."""
+    original = huggingface._read
+    alive, peak, opened = set(), [0], []
+
+    def tracked(*args, **kwargs):
+        array = original(*args, **kwargs)
+        key = len(opened)
+        opened.append(key)
+        alive.add(key)
+        peak[0] = max(peak[0], len(alive))
+        weakref.finalize(array, alive.discard, key)
+        return array
+
+    monkeypatch.setattr(huggingface, "_read", tracked)
+    backbone = RecurrentGemmaBackbone.from_preset(hf_dir)
+    assert len(opened) == len(backbone.weights)
+    assert peak[0] == 1
+    assert not alive
+
+
+def test_headers_are_checked_before_any_data_is_read(monkeypatch, hf_dir, tmp_path):
+    """A mis-shaped tensor fails from the headers: nothing was read."""
+    import json
+    import shutil
+    import struct
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    path = bad / huggingface.WEIGHTS_FILE
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    key = "model.final_norm.weight"
+    # Same bytes, other shape: a 2-D norm scale, which no variable has.
+    n = header[key]["shape"][0]
+    header[key]["shape"] = [1, n]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
+
+    reads = []
+    original = huggingface._read
+    monkeypatch.setattr(
+        huggingface, "_read", lambda *a, **k: reads.append(a) or original(*a, **k)
+    )
+    with pytest.raises(ValueError, match=key):
+        RecurrentGemmaBackbone.from_preset(str(bad))
+    assert reads == []
+
+
+def test_bfloat16_checkpoint_loads_bit_for_bit(hf_dir):
+    tensors = huggingface.read_checkpoint_tensors(hf_dir)
+    backbone = RecurrentGemmaBackbone.from_preset(hf_dir, dtype="bfloat16")
+    expected = np.asarray(tensors["model.embed_tokens.weight"]).astype(
+        ml_dtypes.bfloat16
+    )
+    loaded = keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)
+    assert loaded.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(loaded.view(np.uint16), expected.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_backend_tensor_keeps_bits(dtype):
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(5, 7)).astype(np.dtype(dtype))
+    tensor = common.backend_tensor(array)
+    back = keras.ops.convert_to_numpy(tensor)
+    assert back.dtype == array.dtype
+    np.testing.assert_array_equal(back, array)
+
+
+@pytest.mark.parametrize("shape", [(3, 700), (513, 260), (1, 1)])
+def test_host_copy_of_a_transpose(shape):
+    rng = np.random.default_rng(1)
+    source = rng.normal(size=shape).astype(ml_dtypes.bfloat16)
+    copy = common.host_copy(source.T, ml_dtypes.bfloat16)
+    assert copy.flags.c_contiguous and copy.flags.writeable
+    np.testing.assert_array_equal(copy, source.T)
+    widened = common.host_copy(source.T, np.float32)
+    np.testing.assert_array_equal(widened, source.T.astype(np.float32))
+
+
+def test_lazy_tensor_records_transforms():
+    array = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    reads = []
+    lazy = common.LazyTensor(
+        array.shape,
+        array.dtype,
+        lambda: reads.append(1) or array,
+        read_rows=lambda a, b: reads.append((a, b)) or array[a:b],
+    )
+    views = {
+        "T": (lazy.T, array.T),
+        "index": (lazy[1], array[1]),
+        "index, then T": (lazy[0].T, array[0].T),
+        "fancy": (lazy[1, 0, 0], array[1, 0, 0]),
+        "reshape": (lazy.reshape(6, 4), array.reshape(6, 4)),
+        "rows": (lazy[1:5], array[1:5]),
+    }
+    assert reads == []  # shapes come without reading
+    for name, (view, expected) in views.items():
+        assert view.shape == expected.shape, name
+        np.testing.assert_array_equal(view.read(), expected, err_msg=name)
+    # A row slice reads just its rows.
+    assert (1, 2) in reads
