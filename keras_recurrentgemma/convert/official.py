@@ -226,11 +226,19 @@ def _block_tensors(source, i, block_type):
             f"{source.source}: tensor `{b_key}` has shape {b.shape}; expected "
             "(2, 1, 1, intermediate_dim)."
         )
-    for index, name in ((0, "ffw_gate"), (1, "ffw_up")):
-        tensors[f"{ours}/mlp_block/{name}/kernel"] = (f"{w_key}[{index}]", w[index])
+    # Row slices (not `w[index]`) let a lazy tensor read just its half, and
+    # both kernels come before both biases, so a reader that keeps the
+    # latest tensor reads each of `w` and `b` once.
+    halves = ((0, "ffw_gate"), (1, "ffw_up"))
+    for index, name in halves:
+        tensors[f"{ours}/mlp_block/{name}/kernel"] = (
+            f"{w_key}[{index}]",
+            w[index : index + 1][0],
+        )
+    for index, name in halves:
         tensors[f"{ours}/mlp_block/{name}/bias"] = (
             f"{b_key}[{index}, 0, 0]",
-            b[index, 0, 0],
+            b[index : index + 1][0, 0, 0],
         )
     return tensors
 

@@ -5,14 +5,24 @@ next to `tokenizer.model`: the `state_dict()` of `recurrentgemma.torch.Griffin`,
 i.e. the official Flax tree joined with `.`, with every `kernel` renamed
 `weight` and stored `(out, in)` as `nn.Linear` does. `params_from_torch_state_dict`
 undoes that, and `backbone_from_official_torch` converts the result with
-`official.build_backbone`.
+`official.build_backbone`. It streams: the file is memory-mapped, every
+shape is checked, then each tensor is copied out of the map only when it is
+assigned, and the map's pages it used are dropped again.
 """
 
+import ctypes
+import functools
+import mmap
 import os
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 
+import numpy as np
+
+from keras_recurrentgemma.convert.common import LazyTensor
+from keras_recurrentgemma.convert.common import host_copy
 from keras_recurrentgemma.convert.common import to_numpy
 from keras_recurrentgemma.convert.official import build_backbone
 
@@ -104,6 +114,11 @@ def read_torch_state_dict(path):
             a PyTorch checkpoint, or it holds something else than a state
             dict.
     """
+    return _load_state_dict(path)[1]
+
+
+def _load_state_dict(path):
+    """`read_torch_state_dict`, with the file's name and whether it is mapped."""
     path = os.fspath(path)
     filename = find_torch_checkpoint(path)
     if filename is None:
@@ -111,13 +126,14 @@ def read_torch_state_dict(path):
             f"{path}: no PyTorch checkpoint (a {' or '.join(_TORCH_SUFFIXES)} file)."
         )
     torch = _import_torch("Reading an official PyTorch checkpoint")
+    # `mmap` needs the zip format; older `.pt` files are plain pickles.
+    mapped = zipfile.is_zipfile(filename)
     try:
         loaded = torch.load(
             filename,
             map_location="cpu",
             weights_only=True,
-            # `mmap` needs the zip format; older `.pt` files are plain pickles.
-            mmap=zipfile.is_zipfile(filename),
+            mmap=mapped,
         )
     except MemoryError:
         raise
@@ -142,11 +158,20 @@ def read_torch_state_dict(path):
             f"{filename}: expected a state dict (names to tensors), as "
             f"`torch.save(model.state_dict())` writes; found {what}."
         )
-    return _strip_key_prefix(dict(loaded))
+    return filename, _strip_key_prefix(dict(loaded)), mapped
 
 
-def _torch_to_flax(state_dict, where):
-    """The Flax tree of a Griffin state dict, and each Flax path's torch key."""
+def _eager_leaf(value, transpose):
+    array = to_numpy(value)
+    return array.T if transpose else array
+
+
+def _torch_to_flax(state_dict, where, leaf=_eager_leaf):
+    """The Flax tree of a Griffin state dict, and each Flax path's torch key.
+
+    `leaf(value, transpose)` makes each tree leaf: by default a numpy array
+    (transposed for `nn.Linear` weights); `_lazy_leaf` reads it later.
+    """
     if not isinstance(state_dict, Mapping):
         raise ValueError(
             f"{where}: expected a state dict (names to tensors), got a "
@@ -164,17 +189,17 @@ def _torch_to_flax(state_dict, where):
             raise ValueError(
                 f"{where}: tensor name `{key}` is not a Griffin parameter name."
             )
-        array = to_numpy(value)
         # Only `nn.Linear` leaves are called `weight` in the official torch
         # model; they hold the Flax `kernel` transposed.
-        if parts[-1] == "weight":
-            if array.ndim != 2:
+        transpose = parts[-1] == "weight"
+        if transpose:
+            if np.ndim(value) != 2:
                 raise ValueError(
-                    f"{where}: tensor `{key}` has shape {tuple(array.shape)}; "
+                    f"{where}: tensor `{key}` has shape {tuple(np.shape(value))}; "
                     "an nn.Linear weight must be 2-D (out, in)."
                 )
             parts[-1] = "kernel"
-            array = array.T
+        array = leaf(value, transpose)
         node = params
         for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
@@ -215,6 +240,104 @@ def params_from_torch_state_dict(state_dict):
             not 2-D (naming the tensor).
     """
     return _torch_to_flax(state_dict, "official PyTorch state dict")[0]
+
+
+def _lazy_leaf(tensor, transpose, regions):
+    """A `LazyTensor` for one tensor of a loaded state dict.
+
+    Reading it copies the tensor out of the memory-mapped file (transposed
+    in the same pass for an `nn.Linear` weight), then drops the file's pages
+    it touched from this process (`_release_pages`), so the pages of the
+    whole file do not pile up while the model loads. A row slice (how
+    `official.build_backbone` splits `ffw_up`) reads only those rows.
+    """
+    shape = tuple(tensor.shape)[::-1] if transpose else tuple(tensor.shape)
+    dtype = to_numpy(tensor.new_empty(0)).dtype
+    read_rows = None
+    if not transpose and tensor.ndim:
+
+        def read_rows(start, stop):
+            return _read_tensor(tensor, False, regions, rows=(start, stop))
+
+    return LazyTensor(
+        shape, dtype, lambda: _read_tensor(tensor, transpose, regions), read_rows
+    )
+
+
+def _read_tensor(tensor, transpose, regions, rows=None):
+    """A fresh C-contiguous copy of `tensor` (rows `start:stop` of it)."""
+    view = to_numpy(tensor)  # shares the mapped file's pages, no copy
+    if rows is not None:
+        view = view[rows[0] : rows[1]]
+    if transpose:
+        view = view.T
+    # Read-only, so that `host_copy` copies even a contiguous view: the
+    # pages below are dropped, and the model must not alias the file.
+    view.flags.writeable = False
+    array = host_copy(view, view.dtype)
+    _release_pages(view, regions)
+    return array
+
+
+def _mapped_regions(filename):
+    """The address ranges where this process maps `filename` (Linux only).
+
+    `torch.load` with `mmap=True` maps the file privately; its clean pages can be
+    dropped and are read from the file again if touched. Pages are only
+    released inside these ranges, so memory of any other kind is never
+    touched.
+    """
+    if not sys.platform.startswith("linux"):
+        return ()
+    target = os.path.realpath(filename)
+    regions = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(maxsplit=5)
+                if len(fields) == 6 and fields[5] == target:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    regions.append((start, end))
+    except OSError:
+        return ()
+    return tuple(regions)
+
+
+@functools.cache
+def _madvise_dontneed():
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return lambda address, length: madvise(address, length, advice)
+
+
+def _release_pages(view, regions):
+    """Drops the mapped-file pages under `view` from this process's memory.
+
+    Best effort (`madvise(MADV_DONTNEED)`): nothing happens unless the view
+    is contiguous and lies inside one of `regions`.
+    """
+    if not regions or view.nbytes == 0:
+        return
+    if not (view.flags.c_contiguous or view.flags.f_contiguous):
+        return
+    madvise = _madvise_dontneed()
+    if madvise is None:
+        return
+    start = view.__array_interface__["data"][0]
+    end = start + view.nbytes
+    start -= start % mmap.PAGESIZE
+    end += -end % mmap.PAGESIZE
+    for low, high in regions:
+        if low <= start and end <= high:
+            madvise(start, end - start)
+            return
 
 
 # A tensor path of the official Flax tree, as conversion errors name them.
@@ -273,9 +396,12 @@ def backbone_from_official_torch(path, dtype=None, **config_overrides):
             (naming the file), or a tensor is missing, unexpected or
             mis-shaped (naming it as the file does).
     """
-    state_dict = read_torch_state_dict(path)
-    where = f"official PyTorch checkpoint {find_torch_checkpoint(path)}"
-    params, names = _torch_to_flax(state_dict, where)
+    filename, state_dict, mapped = _load_state_dict(path)
+    where = f"official PyTorch checkpoint {filename}"
+    regions = _mapped_regions(filename) if mapped else ()
+    params, names = _torch_to_flax(
+        state_dict, where, functools.partial(_lazy_leaf, regions=regions)
+    )
     del state_dict
     try:
         return build_backbone(params, dtype, config_overrides, where)

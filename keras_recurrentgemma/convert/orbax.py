@@ -3,7 +3,10 @@
 Kaggle's `google/recurrentgemma/flax/<variant>` download holds a checkpoint
 folder such as `2b/` next to `tokenizer.model`. `find_orbax_checkpoint`
 locates it, `read_orbax_params` restores the parameter tree as numpy, and
-`backbone_from_orbax` converts it with `official.build_backbone`.
+`backbone_from_orbax` converts it with `official.build_backbone`, streaming:
+`lazy_orbax_params` gives the tree from the checkpoint's metadata (names,
+shapes, dtypes), every shape is checked, then one array at a time is read
+(with tensorstore, as Orbax reads it), converted and assigned.
 """
 
 import os
@@ -12,6 +15,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from keras_recurrentgemma.convert.common import LazyTensor
+from keras_recurrentgemma.convert.common import read_json_object
 from keras_recurrentgemma.convert.common import to_numpy
 from keras_recurrentgemma.convert.official import build_backbone
 
@@ -140,8 +145,43 @@ def _numpy_restore_args(ocp, checkpointer, path):
     )
 
 
+def _checkpoint_folder(path):
+    """The absolute checkpoint folder of `path`, or a ValueError saying why not."""
+    path = os.fspath(path)
+    checkpoint = find_orbax_checkpoint(path)
+    if checkpoint is None:
+        raise ValueError(
+            f"{path}: not an Orbax checkpoint (no {' or '.join(_ORBAX_MARKERS)} "
+            "in it or in a folder directly inside it)."
+        )
+    checkpoint = os.path.abspath(checkpoint)
+    if _ORBAX_TMP in os.path.basename(checkpoint):
+        raise ValueError(
+            f"{checkpoint}: an unfinished Orbax save (Orbax renames the folder "
+            "once every file is written); save or download it again."
+        )
+    return checkpoint
+
+
+def _unreadable(checkpoint, error, tensor=None):
+    # tensorstore reports missing and truncated files as ValueError,
+    # FileNotFoundError or OSError with a spec dump; say what it means.
+    detail = _orbax_error_detail(error)
+    culprit = _orbax_file_in(detail, checkpoint)
+    return ValueError(
+        f"{checkpoint}: cannot read this Orbax checkpoint; it is truncated, "
+        "incomplete or corrupt"
+        + (f" (file {culprit})" if culprit else "")
+        + (f" at tensor `{tensor}`" if tensor else "")
+        + f". Orbax said: {detail}"
+    )
+
+
 def read_orbax_params(path):
     """Reads an official Orbax checkpoint into a nested dict of numpy arrays.
+
+    This holds the whole checkpoint in memory; `backbone_from_orbax` reads
+    one tensor at a time instead (see `lazy_orbax_params`).
 
     Args:
         path: str or path-like. The checkpoint folder, or a folder holding
@@ -158,19 +198,7 @@ def read_orbax_params(path):
             save, or is truncated, incomplete or corrupt (the message names
             the folder, and the file when Orbax reports it).
     """
-    path = os.fspath(path)
-    checkpoint = find_orbax_checkpoint(path)
-    if checkpoint is None:
-        raise ValueError(
-            f"{path}: not an Orbax checkpoint (no {' or '.join(_ORBAX_MARKERS)} "
-            "in it or in a folder directly inside it)."
-        )
-    checkpoint = os.path.abspath(checkpoint)
-    if _ORBAX_TMP in os.path.basename(checkpoint):
-        raise ValueError(
-            f"{checkpoint}: an unfinished Orbax save (Orbax renames the folder "
-            "once every file is written); save or download it again."
-        )
+    checkpoint = _checkpoint_folder(path)
     ocp = _import_orbax()
     checkpointer = ocp.PyTreeCheckpointer()
     try:
@@ -184,22 +212,170 @@ def read_orbax_params(path):
     except MemoryError:
         raise
     except Exception as e:
-        # tensorstore reports missing and truncated files as ValueError,
-        # FileNotFoundError or OSError with a spec dump; say what it means.
-        detail = _orbax_error_detail(e)
-        culprit = _orbax_file_in(detail, checkpoint)
-        raise ValueError(
-            f"{checkpoint}: cannot read this Orbax checkpoint; it is truncated, "
-            "incomplete or corrupt"
-            + (f" (file {culprit})" if culprit else "")
-            + f". Orbax said: {detail}"
-        ) from e
+        raise _unreadable(checkpoint, e) from e
     if not isinstance(tree, Mapping):
         raise ValueError(
             f"{checkpoint}: the Orbax checkpoint holds a {type(tree).__name__}, "
             "not a tree of named parameters."
         )
     return _to_numpy_tree(tree)
+
+
+def _metadata_tree(checkpointer, checkpoint):
+    """The saved tree with an `ArrayMetadata` (name, shape, dtype) per leaf.
+
+    `None` when the checkpoint has no readable tree metadata (the msgpack
+    layout of older saves, or a damaged `_METADATA`), or a leaf is not a
+    named array: then only a whole restore can tell.
+    """
+    try:
+        metadata = checkpointer.metadata(checkpoint)
+    except Exception:
+        return None
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, Mapping) or not tree:
+        return None
+    for leaf in _flat_leaves(tree).values():
+        try:
+            np.dtype(leaf.dtype)
+            tuple(int(n) for n in leaf.shape)
+        except Exception:
+            return None
+        if not isinstance(getattr(leaf, "name", None), str):
+            return None
+    return tree
+
+
+def _flat_leaves(tree, keys=()):
+    leaves = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            leaves.update(_flat_leaves(value, keys + (key,)))
+        else:
+            leaves[keys + (key,)] = value
+    return leaves
+
+
+def _read_array(spec, context):
+    """Reads one array of the checkpoint with tensorstore, as numpy.
+
+    Synchronous, so nothing (such as an asyncio future) keeps the array
+    alive after its caller drops it.
+    """
+    import tensorstore as ts
+
+    store = ts.open(ts.Spec(spec), open=True, context=context).result()
+    return np.asarray(store.read().result())
+
+
+class _ArrayReader:
+    """Reads a checkpoint's arrays one at a time, as Orbax's numpy restore does.
+
+    Each array is opened with the tensorstore spec Orbax builds for it
+    (OCDBT or one folder per array, zarr v2 or v3, from `_METADATA`), so
+    only that array's chunks are read. `official.build_backbone` splits
+    `ffw_up/w` and `ffw_up/b` into two variables each, assigned one after
+    the other, so the latest array is kept for the next read; it is dropped
+    before any other is read.
+    """
+
+    def __init__(self, ocp, checkpoint, settings):
+        from etils import epath
+
+        directory = epath.Path(checkpoint)
+        use_ocdbt = settings.get("use_ocdbt")
+        if use_ocdbt is None:
+            use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
+        self._ocp = ocp
+        self._checkpoint = checkpoint
+        self._directory = directory
+        self._use_ocdbt = bool(use_ocdbt)
+        self._use_zarr3 = bool(settings.get("use_zarr3", False))
+        # Orbax's rule: chunks equal to the fill value were left unwritten
+        # unless this was set when saving.
+        self._raise_if_missing = bool(
+            settings.get("store_array_data_equal_to_fill_value", False)
+        )
+        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
+        self._latest = None
+
+    def _spec(self, name):
+        info = self._ocp.type_handlers.ParamInfo(
+            name=name,
+            parent_dir=self._directory,
+            is_ocdbt_checkpoint=self._use_ocdbt,
+            use_zarr3=self._use_zarr3,
+            raise_array_data_missing_error=self._raise_if_missing,
+        )
+        return self._ocp.type_handlers.get_json_tspec_read(
+            info,
+            use_ocdbt=self._use_ocdbt,
+            raise_array_data_missing_error=self._raise_if_missing,
+        )
+
+    def read(self, keys, name):
+        if self._latest is not None and self._latest[0] == keys:
+            return self._latest[1]
+        self._latest = None
+        try:
+            array = _read_array(self._spec(name), self._context)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise _unreadable(self._checkpoint, e, "/".join(keys)) from e
+        self._latest = (keys, array)
+        return array
+
+
+def lazy_orbax_params(path):
+    """The parameter tree of an Orbax checkpoint, read from its metadata only.
+
+    Every leaf is a `LazyTensor` with the saved shape and dtype; reading it
+    reads that one array. `backbone_from_orbax` checks every name and shape
+    on this tree, then reads one array at a time. Checkpoints without tree
+    metadata (the msgpack `checkpoint` of older saves) hold the whole tree
+    in one file: they are restored at once, as `read_orbax_params` does.
+
+    Args:
+        path: str or path-like. The checkpoint folder, or a folder holding
+            exactly one (see `find_orbax_checkpoint`).
+
+    Returns:
+        Nested dicts of `LazyTensor`s (or numpy arrays, see above), with the
+        structure `read_orbax_params` returns.
+
+    Raises:
+        ImportError: if `orbax-checkpoint` is not installed.
+        ValueError: as `read_orbax_params`; a damaged array is only found
+            when it is read, with the same message naming the tensor.
+    """
+    checkpoint = _checkpoint_folder(path)
+    ocp = _import_orbax()
+    tree = _metadata_tree(ocp.PyTreeCheckpointer(), checkpoint)
+    try:
+        settings = read_json_object(os.path.join(checkpoint, "_METADATA"))
+    except ValueError:
+        tree = None
+    if tree is None:
+        return read_orbax_params(checkpoint)
+    reader = _ArrayReader(ocp, checkpoint, settings)
+
+    def lazy(keys, leaf):
+        return LazyTensor(leaf.shape, leaf.dtype, lambda: reader.read(keys, leaf.name))
+
+    return _map_leaves(tree, lazy)
+
+
+def _map_leaves(tree, fn, keys=()):
+    return {
+        key: (
+            _map_leaves(value, fn, keys + (key,))
+            if isinstance(value, Mapping)
+            else fn(keys + (key,), value)
+        )
+        for key, value in tree.items()
+    }
 
 
 def _to_numpy_tree(tree):
@@ -229,6 +405,6 @@ def backbone_from_orbax(path, dtype=None, **config_overrides):
         ValueError: if the checkpoint cannot be read (naming the folder) or
             does not hold a Griffin tree (naming the tensor).
     """
-    params = read_orbax_params(path)
+    params = lazy_orbax_params(path)
     where = f"Orbax checkpoint {find_orbax_checkpoint(path)}"
     return build_backbone(params, dtype, config_overrides, where)
