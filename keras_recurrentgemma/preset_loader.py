@@ -311,10 +311,10 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
             path = orbax.find_orbax_checkpoint(self.directory)
             if load_weights:
                 return orbax.backbone_from_orbax(path, **kwargs)
-            params = orbax.read_orbax_params(path)
+            params = orbax.lazy_orbax_params(path)
         # The official formats carry no config: it is read off the tensor
-        # shapes, so even `load_weights=False` reads the file (but builds the
-        # model only once, with random weights).
+        # shapes, which come from the metadata (Orbax) or the map (.pt)
+        # without reading any tensor's data.
         dtype = kwargs.pop("dtype", None)
         return cls(**official.config_from_official(params, **kwargs), dtype=dtype)
 
