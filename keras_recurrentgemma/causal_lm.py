@@ -14,6 +14,7 @@ from keras_hub.samplers import ContrastiveSampler
 from keras_hub.src.samplers.serialization import get as get_sampler
 from keras_hub.src.utils.tensor_utils import any_equal
 
+from keras_recurrentgemma import chunked_loss
 from keras_recurrentgemma import compiled_decode
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
@@ -182,6 +183,11 @@ class RecurrentGemmaCausalLM(CausalLM):
     # `compile(jit_compile=...)` as given; on torch it picks the decode mode.
     _generate_compile = "auto"
     _torch_decode_mode = None
+    # Set by `compile(loss="auto")`; `None` means the full logits.
+    _loss_chunk_size = None
+    # True while `train_step` runs with the chunked loss: `call` returns
+    # hidden states and `compute_loss` makes the logits chunk by chunk.
+    _chunked_loss_step = False
     presets = preset_loader.PresetsProperty()
 
     @classmethod
@@ -254,6 +260,8 @@ class RecurrentGemmaCausalLM(CausalLM):
         return super().__call__(_with_segment_pos(inputs), *args, **kwargs)
 
     def call(self, inputs, *args, **kwargs):
+        if self._chunked_loss_step:
+            return self.backbone(_with_segment_pos(inputs))
         return super().call(_with_segment_pos(inputs), *args, **kwargs)
 
     def compile(
@@ -263,6 +271,7 @@ class RecurrentGemmaCausalLM(CausalLM):
         *,
         weighted_metrics="auto",
         sampler="greedy",
+        loss_chunk_size=chunked_loss.DEFAULT_LOSS_CHUNK_SIZE,
         **kwargs,
     ):
         """Configures training and generation.
@@ -271,7 +280,12 @@ class RecurrentGemmaCausalLM(CausalLM):
 
         - `loss="auto"` averages the cross-entropy over real tokens only
           (`sample_weight` masks padding), so the reported loss does not
-          depend on how much padding `sequence_length` adds;
+          depend on how much padding `sequence_length` adds. In `fit` it is
+          computed `loss_chunk_size` tokens at a time (an int, default 256;
+          `None` for the full logits at once), each chunk's logits
+          recomputed in the backward pass, so the `[batch, seq, vocab]`
+          logits are never held whole (`keras_recurrentgemma.chunked_loss`;
+          same loss and gradients). Any other `loss` uses the full logits;
         - under a pure `"float16"` policy the optimizer is wrapped in a
           `keras.optimizers.LossScaleOptimizer`, as Keras does for
           `"mixed_float16"` only (pass `auto_scale_loss=False` to opt out).
@@ -289,6 +303,8 @@ class RecurrentGemmaCausalLM(CausalLM):
                 "a `keras_hub.samplers.Sampler` instance."
             )
         get_sampler(sampler)  # fails here, not at the first `generate`
+        loss_chunk_size = chunked_loss.check_loss_chunk_size(loss_chunk_size)
+        self._loss_chunk_size = loss_chunk_size if loss == "auto" else None
         if loss == "auto":
             loss = keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction="mean_with_sample_weight"
@@ -303,6 +319,42 @@ class RecurrentGemmaCausalLM(CausalLM):
             **kwargs,
         )
         self._scale_float16_loss(kwargs.get("auto_scale_loss", True))
+
+    def train_step(self, *args, **kwargs):
+        # Only inside the step does `call` return hidden states (for
+        # `compute_loss`); `model(x)`, `predict` and `evaluate` get logits.
+        self._chunked_loss_step = self._loss_chunk_size is not None
+        try:
+            return super().train_step(*args, **kwargs)
+        finally:
+            self._chunked_loss_step = False
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if not self._chunked_loss_step:
+            return super().compute_loss(x, y, y_pred, sample_weight, training)
+        # `y_pred` is the hidden states. The metrics are updated here, a
+        # chunk of logits at a time: on JAX only this call sees the weights.
+        metrics = self._compile_metrics
+        if metrics is not None and metrics.built and not metrics.metrics:
+            metrics = None
+        loss = chunked_loss.chunked_cross_entropy(
+            lambda h: self.backbone.token_embedding(h, reverse=True),
+            y_pred,
+            y,
+            sample_weight,
+            self._loss_chunk_size,
+            on_chunk=None if metrics is None else metrics.update_state,
+        )
+        for extra in self.losses:
+            loss = loss + self._aggregate_additional_loss(extra)
+        return loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self._chunked_loss_step:
+            return self.get_metrics_result()  # updated by `compute_loss`
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def _scale_float16_loss(self, auto_scale_loss):
         if self.backbone.compute_dtype != "float16" or self.optimizer is None:

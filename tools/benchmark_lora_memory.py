@@ -1,7 +1,20 @@
-"""Peak memory of one LoRA training step, with and without `remat`.
+"""Peak memory of one LoRA training step, with and without `remat`, and
+with and without the chunked loss.
 
     KERAS_BACKEND=jax python tools/benchmark_lora_memory.py --config 2b \\
         --seq-lens 4096 8192
+
+`--chunked-loss on|off|both` (default `on`, what `fit` does) picks
+`compile(loss_chunk_size=...)`: `on` computes the loss `--loss-chunk-size`
+tokens at a time from the hidden states, `off` from the full
+`[batch, seq, vocabulary]` logits (`loss_chunk_size=None`); each record says
+which (`loss_chunk_size`, `null` for off). To see what the chunked loss saves
+at the released 2B's size (here `--remat off`; add `--measure rss` with
+`KERAS_BACKEND=torch` on a machine without a GPU, see below):
+
+    KERAS_BACKEND=jax python tools/benchmark_lora_memory.py --config 2b \\
+        --seq-lens 512 --batch-size 1 --rank 4 --dtype bfloat16 \\
+        --remat off --chunked-loss both
 
 Builds the backbone (random weights; `--config 2b` is the released 2B's
 architecture), enables LoRA, and compiles Keras's own JAX train step (the
@@ -149,7 +162,10 @@ def measure_rss(args):
     import numpy as np
 
     keras.utils.set_random_seed(0)
-    causal_lm = build(args, remat=bool(args.child_remat))
+    loss_chunk_size = args.child_loss_chunk_size or None
+    causal_lm = build(
+        args, remat=bool(args.child_remat), loss_chunk_size=loss_chunk_size
+    )
     seq_len = args.child_seq_len
     x, y = random_batch(causal_lm.backbone.vocabulary_size, args.batch_size, seq_len)
     before = _rss_bytes()
@@ -159,6 +175,7 @@ def measure_rss(args):
         "backend": keras.config.backend(),
         "seq_len": seq_len,
         "remat": bool(args.child_remat),
+        "loss_chunk_size": loss_chunk_size,
         "rss_before_step_bytes": before,
         "peak_rss_bytes": _peak_rss_bytes(),
         "step_peak_over_start_bytes": _peak_rss_bytes() - before,
@@ -167,9 +184,7 @@ def measure_rss(args):
     }
 
 
-def build(args, remat=False):
-    import keras
-
+def build(args, remat=False, loss_chunk_size=None):
     from keras_recurrentgemma import RecurrentGemmaBackbone
     from keras_recurrentgemma import RecurrentGemmaCausalLM
 
@@ -178,11 +193,21 @@ def build(args, remat=False):
     )
     causal_lm = RecurrentGemmaCausalLM(backbone)
     backbone.enable_lora(args.rank)
+    compile_loss(causal_lm, loss_chunk_size)
+    return causal_lm
+
+
+def compile_loss(causal_lm, loss_chunk_size):
+    """Compiles for a LoRA step whose loss is chunked (or not, for `None`)."""
+    import keras
+
     causal_lm.compile(
-        optimizer=keras.optimizers.AdamW(1e-4), weighted_metrics=[], sampler="greedy"
+        optimizer=keras.optimizers.AdamW(1e-4),
+        weighted_metrics=[],
+        sampler="greedy",
+        loss_chunk_size=loss_chunk_size,
     )
     causal_lm.optimizer.build(causal_lm.trainable_variables)
-    return causal_lm
 
 
 def main(argv=None):
@@ -198,6 +223,19 @@ def main(argv=None):
         "--remat", choices=["off", "on", "both"], default="both", help="block remat"
     )
     parser.add_argument(
+        "--chunked-loss",
+        choices=["off", "on", "both"],
+        default="on",
+        help="the loss a chunk of tokens at a time (on, as fit does) or from "
+        "the full logits (off)",
+    )
+    parser.add_argument(
+        "--loss-chunk-size",
+        type=int,
+        default=256,
+        help="tokens per chunk of logits with --chunked-loss on",
+    )
+    parser.add_argument(
         "--execute", action="store_true", help="also run the step (GPU: peak bytes)"
     )
     parser.add_argument(
@@ -208,8 +246,17 @@ def main(argv=None):
     )
     parser.add_argument("--child-seq-len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-remat", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-loss-chunk-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loss_chunk_size < 1:
+        parser.error(f"--loss-chunk-size must be >= 1; got {args.loss_chunk_size}")
     remat_settings = {"off": [False], "on": [True], "both": [False, True]}[args.remat]
+    chunk_settings = {
+        "off": [None],
+        "on": [args.loss_chunk_size],
+        "both": [None, args.loss_chunk_size],
+    }[args.chunked_loss]
+    settings = [(r, c) for r in remat_settings for c in chunk_settings]
 
     if args.child_seq_len is not None:
         print(json.dumps(measure_rss(args)), flush=True)
@@ -220,10 +267,11 @@ def main(argv=None):
         argv = list(sys.argv[1:] if argv is None else argv)
         records = []
         for seq_len in args.seq_lens:
-            for remat in remat_settings:
+            for remat, loss_chunk_size in settings:
                 child = [sys.executable, os.path.abspath(__file__), *argv]
                 child += ["--child-seq-len", str(seq_len)]
                 child += ["--child-remat", str(int(remat))]
+                child += ["--child-loss-chunk-size", str(loss_chunk_size or 0)]
                 out = subprocess.run(child, capture_output=True, text=True)
                 if out.returncode:
                     sys.exit(out.stderr[-3000:])
@@ -268,14 +316,16 @@ def main(argv=None):
     }
     records = []
     for seq_len in args.seq_lens:
-        for remat in remat_settings:
-            # Read when the step is traced, so one model serves both settings.
+        for remat, loss_chunk_size in settings:
+            # Read when the step is traced, so one model serves every setting.
             for block in backbone.residual_blocks:
                 block.remat = remat
+            compile_loss(causal_lm, loss_chunk_size)
             record = {
                 **common,
                 "seq_len": seq_len,
                 "remat": remat,
+                "loss_chunk_size": loss_chunk_size,
                 **step_memory(causal_lm, args.batch_size, seq_len, args.execute),
             }
             record["xla_peak_gib"] = round(record["xla_peak_bytes"] / 2**30, 2)
