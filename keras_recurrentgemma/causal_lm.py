@@ -752,12 +752,32 @@ class RecurrentGemmaCausalLM(CausalLM):
         self._torch_decode_mode = mode
         self.generate_function = None
 
+    def _tensorflow_generate_xla(self):
+        """Whether TensorFlow compiles `generate_step` with XLA.
+
+        Yes unless `compile(jit_compile=False)`, except that under the
+        default `"auto"` 16-bit weights on a machine without a GPU run
+        without XLA: XLA's CPU compiler computes every bfloat16/float16
+        matrix product in float32 and hoists those conversions out of the
+        decode loop, so the compiled loop holds a float32 copy of every
+        weight (the released 2B ran out of 24 GB; without XLA its
+        `generate` peaked at 8.1 GiB, `tools/benchmark_real_size.py`).
+        """
+        if self._generate_compile != "auto":
+            return self._generate_jit_compile
+        import tensorflow as tf
+
+        sixteen_bit = self.backbone.variable_dtype in ("bfloat16", "float16")
+        return not (sixteen_bit and not tf.config.list_logical_devices("GPU"))
+
     def make_generate_function(self):
         """The compiled `generate_step`, behind eager checks of its inputs.
 
         JAX jits it and torch runs it under `no_grad` (both as KerasHub
         does); TensorFlow compiles it with XLA even on CPU, where Keras's
-        `jit_compile="auto"` would not, unless `compile(jit_compile=False)`.
+        `jit_compile="auto"` would not, unless `compile(jit_compile=False)`
+        or, under `"auto"`, the weights are 16-bit on a machine without a
+        GPU (see `_tensorflow_generate_xla`).
         On torch the per-token decode step runs as `torch_decode_mode`
         says: compiled by default on CUDA.
         """
@@ -772,7 +792,7 @@ class RecurrentGemmaCausalLM(CausalLM):
             import tensorflow as tf
 
             compiled = tf.function(
-                self.generate_step, jit_compile=self._generate_jit_compile
+                self.generate_step, jit_compile=self._tensorflow_generate_xla()
             )
         else:
             compiled = super().make_generate_function()

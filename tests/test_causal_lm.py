@@ -401,3 +401,24 @@ def test_bfloat16_generation_keeps_the_recurrence_in_float32():
     lm.compile(sampler="greedy")
     tokens, _ = generate_ids(lm, [[2, 40, 41]], 16)
     assert np.all((tokens >= 0) & (tokens < lm.backbone.vocabulary_size))
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "tensorflow", reason="TensorFlow's XLA choice"
+)
+def test_tensorflow_generate_skips_xla_for_16_bit_weights_on_cpu():
+    # XLA's CPU compiler would hold a float32 copy of every 16-bit weight in
+    # the decode loop; without XLA the tokens are those of the eager model.
+    import tensorflow as tf
+
+    on_cpu = not tf.config.list_logical_devices("GPU")
+    lm16 = tiny_causal_lm(dtype="bfloat16")
+    assert lm16._tensorflow_generate_xla() is not on_cpu
+    assert tiny_causal_lm()._tensorflow_generate_xla() is True
+    lm16.compile(jit_compile=True)
+    assert lm16._tensorflow_generate_xla() is True
+    lm16.compile(jit_compile=False)
+    assert lm16._tensorflow_generate_xla() is False
+    without_xla = lm16.generate(["The"], max_length=12)
+    lm16.compile()  # "auto": no XLA here
+    assert lm16.generate(["The"], max_length=12) == without_xla
