@@ -232,34 +232,26 @@ def _run_sharded(out_dir):
     (Path(out_dir) / "report.json").write_text(json.dumps(report))
 
 
-@pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory):
-    if keras.config.backend() != "jax":
-        pytest.skip(
-            "keras.distribution.ModelParallel shards variables on JAX only "
-            "(Keras' TensorFlow distribution_lib is a prototype; torch has none)."
-        )
-    out_dir = tmp_path_factory.mktemp("sharded")
+def run_with_8_devices(module, function, out_dir, xla_flags=""):
+    """Runs `module.function(out_dir)` in a fresh JAX process on 8 CPU devices.
+
+    The device count is read when jax starts, hence the fresh process.
+    """
     root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
         "KERAS_BACKEND": "jax",
         "JAX_PLATFORMS": "cpu",
-        # Read when jax starts, hence the fresh process. Optimization level 0
-        # cuts LLVM's share of the compiles by a third; both models use it,
-        # and sharding is decided before it, on the HLO.
-        "XLA_FLAGS": (
-            os.environ.get("XLA_FLAGS", "")
-            + " --xla_force_host_platform_device_count=8"
-            + " --xla_backend_optimization_level=0"
+        "XLA_FLAGS": " ".join(
+            [os.environ.get("XLA_FLAGS", ""), xla_flags]
+            + ["--xla_force_host_platform_device_count=8"]
         ).strip(),
         "PYTHONPATH": os.pathsep.join(
             [str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
         ),
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
-    code = "import sys; from tests.test_distribution import _run_sharded; "
-    code += "_run_sharded(sys.argv[1])"
+    code = f"import sys; from {module} import {function}; {function}(sys.argv[1])"
     done = subprocess.run(
         [sys.executable, "-c", code, str(out_dir)],
         env=env,
@@ -269,6 +261,22 @@ def sharded_run(tmp_path_factory):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    if keras.config.backend() != "jax":
+        pytest.skip(
+            "keras.distribution.ModelParallel shards variables on JAX only "
+            "(Keras' TensorFlow distribution_lib is a prototype; torch has none)."
+        )
+    out_dir = tmp_path_factory.mktemp("sharded")
+    # Optimization level 0 cuts LLVM's share of the compiles by a third; both
+    # models use it, and sharding is decided before it, on the HLO.
+    run_with_8_devices(
+        "tests.test_distribution", "_run_sharded", out_dir,
+        "--xla_backend_optimization_level=0",
+    )  # fmt: skip
     report = json.loads((out_dir / "report.json").read_text())
     with np.load(out_dir / "arrays.npz") as arrays:
         return report, dict(arrays)

@@ -8,9 +8,6 @@ a fresh JAX process with 8 virtual CPU devices, against an unsharded load.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -21,6 +18,7 @@ from tests.test_distribution import AXES
 from tests.test_distribution import MESH_SHAPE
 from tests.test_distribution import SHARDABLE
 from tests.test_distribution import expected_spec
+from tests.test_distribution import run_with_8_devices
 
 
 def _run(out_dir):
@@ -65,30 +63,7 @@ def sharded_load(tmp_path_factory):
             "(Keras' TensorFlow distribution_lib is a prototype; torch has none)."
         )
     out_dir = tmp_path_factory.mktemp("sharded_load")
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": (
-            os.environ.get("XLA_FLAGS", "")
-            + " --xla_force_host_platform_device_count=8"
-        ).strip(),
-        "PYTHONPATH": os.pathsep.join(
-            [str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        ),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
-    code = "import sys; from tests.test_sharded_load import _run; _run(sys.argv[1])"
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(out_dir)],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_with_8_devices("tests.test_sharded_load", "_run", out_dir)
     report = json.loads((out_dir / "report.json").read_text())
     with np.load(out_dir / "arrays.npz") as arrays:
         return report, dict(arrays)
