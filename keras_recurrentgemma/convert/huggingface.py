@@ -341,15 +341,6 @@ def open_safetensors(filename):
     return tensors
 
 
-def read_safetensors(filename):
-    """Reads every tensor of one `.safetensors` file into numpy arrays.
-
-    Raises:
-        ValueError: as `open_safetensors`.
-    """
-    return {key: t.read() for key, t in open_safetensors(filename).items()}
-
-
 def read_checkpoint_tensors(path):
     """All tensors of a single-file or sharded safetensors checkpoint, unread.
 
