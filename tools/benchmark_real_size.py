@@ -127,6 +127,27 @@ def prompt_ids(length, seed=0):
 # --- Children: each runs in a fresh process and prints one JSON line. -------
 
 
+def measure_generate(greedy, args):
+    """Peak memory of greedy generation and decode seconds per token.
+
+    `greedy(n)` generates `n` tokens. The first call compiles; the time of
+    one token is taken off that of `--new-tokens`, leaving the decode steps.
+    """
+    reset_peak()
+    greedy(1)
+    start = time.perf_counter()
+    greedy(1)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = greedy(args.new_tokens)
+    many = time.perf_counter() - start
+    return {
+        "greedy": tokens,
+        "generate_peak_gib": peak_gib(),
+        "decode_s_per_token": (many - one) / (args.new_tokens - 1),
+    }
+
+
 def child_hf(args):
     import torch
     import transformers
@@ -142,17 +163,8 @@ def child_hf(args):
         report["greedy"] = greedy_hf(model, ids[:, : args.prompt], 32)
         return report
     if args.generate:
-        reset_peak()
         ids = torch.tensor(prompt_ids(args.prompt)[None])
-        greedy_hf(model, ids, 1)
-        start = time.perf_counter()
-        greedy_hf(model, ids, 1)
-        one = time.perf_counter() - start
-        start = time.perf_counter()
-        report["greedy"] = greedy_hf(model, ids, args.new_tokens)
-        many = time.perf_counter() - start
-        report["generate_peak_gib"] = peak_gib()
-        report["decode_s_per_token"] = (many - one) / (args.new_tokens - 1)
+        report.update(measure_generate(lambda n: greedy_hf(model, ids, n), args))
     return report
 
 
@@ -191,17 +203,8 @@ def child_ours(args):
         report["greedy"] = greedy_ours(lm, ids[0, : args.prompt], 32)
         return report
     if args.generate:
-        reset_peak()
         ids = prompt_ids(args.prompt)
-        greedy_ours(lm, ids, 1)  # compiles
-        start = time.perf_counter()
-        greedy_ours(lm, ids, 1)
-        one = time.perf_counter() - start
-        start = time.perf_counter()
-        report["greedy"] = greedy_ours(lm, ids, args.new_tokens)
-        many = time.perf_counter() - start
-        report["generate_peak_gib"] = peak_gib()
-        report["decode_s_per_token"] = (many - one) / (args.new_tokens - 1)
+        report.update(measure_generate(lambda n: greedy_ours(lm, ids, n), args))
     return report
 
 
