@@ -32,6 +32,7 @@ from keras_recurrentgemma.convert import official_torch
 from keras_recurrentgemma.convert import orbax
 from keras_recurrentgemma.convert.official import backbone_from_official
 from tests.models import assert_same_weights
+from tests.test_convert_official_formats import _flat
 from tests.test_official_parity import official_config
 from tests.test_official_parity import random_official_params
 
@@ -41,16 +42,6 @@ NAME = "griffin"  # Both block types, so every kind of tensor is read.
 _ORBAX_FAILS = pytest.mark.filterwarnings(
     "ignore::pytest.PytestUnraisableExceptionWarning"
 )
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _bfloat16(params):
