@@ -1,0 +1,231 @@
+"""Generation artifacts: `prefill` and `decode_step` with an explicit state.
+
+`export_for_generation(causal_lm, path, format=...)` writes a directory that
+`keras_recurrentgemma.serving.load_exported(path)` runs with the format's own
+runtime (onnxruntime, TensorFlow's `saved_model.load`, the LiteRT
+interpreter) plus sentencepiece and numpy:
+
+    prefill(token_ids [b, c], padding_mask [b, c], *state) -> (logits [b, v], *state)
+    decode_step(token_ids [b, 1], *state)                  -> (logits [b, v], *state)
+
+The state is a flat list of fixed-size tensors (`endpoints.state_layout`),
+so memory does not depend on how many tokens went through it. `c` is the
+prefill chunk length; a runtime feeds a longer prompt chunk by chunk.
+
+Files written: the endpoint files of the format, `tokenizer.model` (the
+SentencePiece proto) and `generation.json` (shapes, dtypes, stop ids,
+window, state layout, input and output names).
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+FORMATS = {
+    # format: backends that can write it, and the files it makes.
+    "onnx": ("torch", "tensorflow", "jax"),
+    "tf_saved_model": ("tensorflow", "jax"),
+    "litert": ("tensorflow",),
+}
+METADATA_FILE = "generation.json"
+TOKENIZER_FILE = "tokenizer.model"
+FORMAT_VERSION = 1
+DEFAULT_PREFILL_LENGTH = 32
+
+
+def check_format(format, backend):
+    """Raises a `ValueError` naming the backends that can write `format`."""
+    if format not in FORMATS:
+        raise ValueError(
+            f"Unknown export format {format!r}; use one of {sorted(FORMATS)}."
+        )
+    if backend not in FORMATS[format]:
+        can = " or ".join(FORMATS[format])
+        raise ValueError(
+            f"format={format!r} cannot be exported from the {backend!r} "
+            f"backend; use {can} (set KERAS_BACKEND before importing Keras)."
+        )
+
+
+def export_for_generation(
+    causal_lm,
+    path,
+    format="onnx",
+    overwrite=False,
+    prefill_length=DEFAULT_PREFILL_LENGTH,
+    progress=None,
+):
+    """Writes a generation artifact of `causal_lm` to the directory `path`.
+
+    Everything is written into a temporary directory beside `path` that is
+    renamed into place at the end, so a failed export leaves nothing behind
+    (and, with `overwrite=True`, the previous artifact as it was).
+
+    Args:
+        causal_lm: `RecurrentGemmaCausalLM` with a preprocessor (for the
+            tokenizer), float32 weights.
+        path: str. Output directory.
+        format: str. `"onnx"` (from torch, tensorflow or jax),
+            `"tf_saved_model"` (tensorflow, jax) or `"litert"` (tensorflow).
+        overwrite: bool. Replace an existing `path`. Defaults to `False`.
+        prefill_length: int. Tokens per `prefill` call (`c`). Defaults to 32.
+        progress: optional `fn(str)`, called after each written part.
+
+    Raises:
+        ValueError: for an unknown format, one this backend cannot write
+            (naming those that can), an existing `path` without
+            `overwrite`, a model without a tokenizer or with weights that
+            are not float32, or a bad `prefill_length`.
+    """
+    import keras
+
+    from keras_recurrentgemma.export.endpoints import reference_scan
+    from keras_recurrentgemma.export.endpoints import state_layout
+
+    check_format(format, keras.config.backend())
+    path = os.fspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(
+            f"{path!r} already exists; pass overwrite=True (--overwrite) to replace it."
+        )
+    if isinstance(prefill_length, bool) or not isinstance(prefill_length, int):
+        raise ValueError(
+            f"`prefill_length` must be a positive int; got {prefill_length!r}."
+        )
+    if prefill_length < 1:
+        raise ValueError(
+            f"`prefill_length` must be a positive int; got {prefill_length}."
+        )
+    backbone = causal_lm.backbone
+    tokenizer = _tokenizer(causal_lm)
+    if backbone.compute_dtype != "float32" or backbone.variable_dtype != "float32":
+        raise ValueError(
+            f"Exported runtimes need float32 weights; this model computes in "
+            f"{backbone.compute_dtype!r}. Load it with dtype='float32'."
+        )
+    progress = progress or (lambda step: None)
+    layout = state_layout(backbone)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(path)}.exporting-", dir=parent
+    )
+    try:
+        with reference_scan(backbone):
+            files = _write_format(
+                format, backbone, staging, layout, prefill_length, progress
+            )
+        with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
+            f.write(_proto_bytes(tokenizer))
+        metadata = _metadata(
+            causal_lm, tokenizer, format, files, layout, prefill_length
+        )
+        with open(os.path.join(staging, METADATA_FILE), "w") as f:
+            json.dump(metadata, f, indent=2)
+        progress(METADATA_FILE)
+        os.chmod(staging, 0o755)
+        _replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_format(format, backbone, directory, layout, chunk, progress):
+    """Writes the endpoint files; returns `{"prefill": file, "decode_step": file}`."""
+    if format == "onnx":
+        from keras_recurrentgemma.export.onnx import export_onnx
+
+        export_onnx(backbone, directory, layout, chunk, progress)
+        return {"prefill": "prefill.onnx", "decode_step": "decode_step.onnx"}
+    from keras_recurrentgemma.export.saved_model import export_saved_model
+
+    if format == "tf_saved_model":
+        export_saved_model(
+            backbone, os.path.join(directory, "saved_model"), layout, chunk
+        )
+        progress("saved_model")
+        return {"prefill": "saved_model", "decode_step": "saved_model"}
+    from keras_recurrentgemma.export.litert import export_litert
+
+    export_litert(backbone, directory, layout, chunk, progress)
+    return {"prefill": "prefill.tflite", "decode_step": "decode_step.tflite"}
+
+
+def _tokenizer(causal_lm):
+    preprocessor = getattr(causal_lm, "preprocessor", None)
+    tokenizer = getattr(preprocessor, "tokenizer", None)
+    if tokenizer is None or getattr(tokenizer, "proto", None) is None:
+        raise ValueError(
+            "The exported runtime tokenizes text itself: the model needs a "
+            "preprocessor whose tokenizer has a SentencePiece proto."
+        )
+    return tokenizer
+
+
+def _proto_bytes(tokenizer):
+    proto = tokenizer.proto
+    if isinstance(proto, str):
+        with open(proto, "rb") as f:
+            return f.read()
+    return bytes(proto)
+
+
+def _metadata(causal_lm, tokenizer, format, files, layout, chunk):
+    import keras
+
+    from keras_recurrentgemma.export.onnx import input_specs
+    from keras_recurrentgemma.export.onnx import output_names
+
+    backbone = causal_lm.backbone
+    stops = [tokenizer.end_token_id]
+    if (
+        getattr(causal_lm, "instruction_tuned", False)
+        and tokenizer.end_of_turn_id is not None
+    ):
+        stops.append(tokenizer.end_of_turn_id)
+    return {
+        "format": format,
+        "format_version": FORMAT_VERSION,
+        "exported_from_backend": keras.config.backend(),
+        "files": files,
+        "tokenizer": TOKENIZER_FILE,
+        "prefill_length": chunk,
+        "vocabulary_size": backbone.vocabulary_size,
+        "hidden_dim": backbone.hidden_dim,
+        "block_types": list(backbone.block_types),
+        "attention_window_size": backbone.attention_window_size,
+        "dtype": backbone.compute_dtype,
+        "start_token_id": tokenizer.start_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "stop_token_ids": [int(i) for i in stops],
+        "add_start_token": bool(
+            getattr(causal_lm.preprocessor, "add_start_token", True)
+        ),
+        "inputs": {
+            "prefill": [name for name, _, _ in input_specs(layout, chunk)],
+            "decode_step": [name for name, _, _ in input_specs(layout, 1, False)],
+        },
+        "outputs": output_names(layout),
+        "state": layout,
+    }
+
+
+def _replace(staging, path):
+    """Renames `staging` to `path`; an old `path` is removed only after."""
+    if not os.path.lexists(path):
+        os.rename(staging, path)
+        return
+    old = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(path)}.old-",
+        dir=os.path.dirname(os.path.abspath(path)),
+    )
+    moved = os.path.join(old, "previous")
+    os.rename(path, moved)
+    try:
+        os.rename(staging, path)
+    except BaseException:
+        os.rename(moved, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
