@@ -1,7 +1,7 @@
 """The generation tests, and training, with each backend's fast scan path.
 
 The fast path of the backend under test: `"xla"` on TensorFlow, `"pallas"` on
-JAX (its GPU kernel run by Pallas's interpreter,
+JAX (on CPU its GPU kernel run by Pallas's interpreter,
 `KERAS_RECURRENTGEMMA_INTERPRET=1`), `"triton"` on torch (under Triton's
 interpreter, `TRITON_INTERPRET=1`, when there is no CUDA). The
 generation tests of test_causal_lm.py run again on a model that uses it, and a
@@ -29,7 +29,12 @@ TOL = PARITY["float32"]["relative"]
 @pytest.fixture(scope="module", autouse=True)
 def _interpreters():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("KERAS_RECURRENTGEMMA_INTERPRET", "1")
+        if FAST_PATH == "pallas":
+            import jax
+
+            # On a GPU or TPU (tools/gpu_check.py) the kernel runs there.
+            if jax.default_backend() == "cpu":
+                patch.setenv("KERAS_RECURRENTGEMMA_INTERPRET", "1")
         if FAST_PATH == "triton":
             import torch
 

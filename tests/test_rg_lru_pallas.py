@@ -22,13 +22,12 @@ from keras_recurrentgemma.ops import rg_lru_gates  # noqa: E402
 from keras_recurrentgemma.ops import rg_lru_scan_reference  # noqa: E402
 from keras_recurrentgemma.ops.pallas_rg_lru import rg_lru_pallas  # noqa: E402
 from tests.models import document_positions  # noqa: E402
+from tests.tolerances import KERNEL  # noqa: E402
 from tests.tolerances import SELF_CONSISTENCY  # noqa: E402
 from tests.tolerances import relative_error  # noqa: E402
 
 TOL = SELF_CONSISTENCY["float32"]
-# A 16-bit gradient is the float32 one rounded once (unit roundoff 2^-8),
-# measured against the largest element.
-BFLOAT16_RELATIVE = 2**-7
+BFLOAT16_RELATIVE = KERNEL["bfloat16_relative"]
 
 
 def random_inputs(b, t, l, seed, dtype="float32"):
@@ -62,9 +61,17 @@ def reference(x, gate_x, gate_a, a_param, pos, h0):
     return rg_lru_scan_reference(a, normalized_x, h0)
 
 
+def interpreted(platform):
+    """Whether `platform`'s kernel needs the interpreter here: always on CPU;
+    on a GPU or TPU (tools/gpu_check.py) only the other platform's does."""
+    return platform != jax.default_backend()
+
+
 def kernel(**kwargs):
+    interpret = kwargs.pop("interpret", interpreted(kwargs.get("platform")))
+
     def fn(*args):
-        return rg_lru_pallas(*args, interpret=kwargs.pop("interpret", True), **kwargs)
+        return rg_lru_pallas(*args, interpret=interpret, **kwargs)
 
     return fn
 

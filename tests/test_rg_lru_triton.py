@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.tolerances import KERNEL
 from tests.tolerances import SELF_CONSISTENCY
 from tests.tolerances import relative_error
 
@@ -30,15 +31,13 @@ import torch  # noqa: E402
 from keras_recurrentgemma.ops import rg_lru  # noqa: E402
 from keras_recurrentgemma.ops import rg_lru_gates  # noqa: E402
 from keras_recurrentgemma.ops import rg_lru_scan_reference  # noqa: E402
+from keras_recurrentgemma.ops import triton_launch  # noqa: E402
 from keras_recurrentgemma.ops import triton_rg_lru  # noqa: E402
-from keras_recurrentgemma.ops import triton_scan  # noqa: E402
 from tests.models import document_positions  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = SELF_CONSISTENCY["float32"]
-# A 16-bit gradient is the float32 one rounded once (unit roundoff 2^-8),
-# measured against the largest element.
-BFLOAT16_RELATIVE = 2**-7
+BFLOAT16_RELATIVE = KERNEL["bfloat16_relative"]
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +166,7 @@ def _signature(kernel, pointer_dtypes):
     """Every argument of `kernel`: pointers typed from `pointer_dtypes`."""
     signature = {}
     for name in kernel.arg_names:
-        if name in ("HAS_H0", "BLOCK_L"):
+        if name in ("HAS_H0", "BLOCK_L", *triton_rg_lru._LAUNCH_CONSTANTS):
             signature[name] = "constexpr"
         elif name in ("T", "L"):
             signature[name] = "i32"
@@ -191,17 +190,20 @@ def test_every_kernel_compiles_for_gpu(capability, monkeypatch):
         + ("dga_ptr", "da_ptr")
     }
     sixteen_bit["pos_ptr"] = "i32"
-    kernels = triton_scan._kernels(False) + triton_rg_lru._kernels(False)
-    for kernel in kernels:
+    for kernel in triton_rg_lru._kernels(False):
         source = ASTSource(
             fn=kernel,
             signature=_signature(kernel, sixteen_bit),
-            constexprs={"HAS_H0": True, "BLOCK_L": 128},
+            constexprs={
+                "HAS_H0": True,
+                "BLOCK_L": 128,
+                **triton_rg_lru._LAUNCH_CONSTANTS,
+            },
         )
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", capability, 32),
-            options=triton_scan._launch_options(128),
+            options=triton_launch.launch_options(128),
         )
         assert compiled.asm["cubin"], kernel.fn.__name__
 

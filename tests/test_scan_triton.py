@@ -1,4 +1,7 @@
-"""The Triton RG-LRU scan against the `keras.ops` reference and a float64 loop.
+"""The unfused Triton scan (tools/) against the reference and a float64 loop.
+
+The kernels of the bare recurrence, which `tools/benchmark_scan.py` measures
+the fused kernel against; they share its launch rules (`ops.triton_launch`).
 
 Runs on the torch backend only. On a machine without CUDA the kernels run in
 Triton's interpreter (TRITON_INTERPRET=1, set for this module alone).
@@ -12,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.tolerances import KERNEL
 from tests.tolerances import SELF_CONSISTENCY
 
 if keras.config.backend() != "torch":
@@ -27,17 +31,12 @@ triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 
 from keras_recurrentgemma.ops import rg_lru_scan_reference  # noqa: E402
-from keras_recurrentgemma.ops.triton_scan import available  # noqa: E402
-from keras_recurrentgemma.ops.triton_scan import rg_lru_scan_triton  # noqa: E402
+from keras_recurrentgemma.ops.triton_launch import available  # noqa: E402
+from tools.triton_scan_unfused import rg_lru_scan_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = SELF_CONSISTENCY["float32"]
-# bfloat16 inputs are still accumulated in float32, so the only bfloat16 step
-# is the final rounding of what is returned in bfloat16 (the gradients, and
-# `y` when y_dtype is bfloat16): half an ulp against the exact answer, one ulp
-# between two implementations that each round. One ulp is at most 2**-7 of the
-# value; atol covers float32 noise on values near zero.
-BF16_TOL = {"rtol": 2**-7, "atol": 1e-5}
+BF16_TOL = KERNEL["bfloat16"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -229,12 +228,12 @@ def test_triton_after_tensorflow_is_refused_not_fatal():
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         "keras_recurrentgemma",
         "ops",
-        "triton_scan.py",
+        "triton_launch.py",
     )
     code = (
         "import importlib.util\n"
         "import tensorflow\n"
-        f"spec = importlib.util.spec_from_file_location('triton_scan', {path!r})\n"
+        f"spec = importlib.util.spec_from_file_location('triton_launch', {path!r})\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
         "print(module.available('cpu'))\n"

@@ -20,7 +20,9 @@ prints one JSON object with:
   `da` and `dx` (a backward that recomputes the states from `x` instead of
   reading `y` would move less);
 - `implementations`: each name of `rg_lru_scan(..., implementation=name)`
-  (default: every name in `IMPLEMENTATIONS`), compiled the backend's natural
+  (default: every name in `IMPLEMENTATIONS`; `"pallas"` and `"triton"` are
+  the unfused kernels of tools/pallas_scan_unfused.py and
+  tools/triton_scan_unfused.py), compiled the backend's natural
   way (`jax.jit`; `tf.function(jit_compile=True)`, then plain `tf.function`
   if XLA refuses it; torch eager). `fwd_ms` is the forward, `fwd_bwd_ms` the
   gradient of `sum(y * cot)` with respect to `a` and `x`, `fwd_gbps` the
@@ -567,6 +569,27 @@ def run_unit(backend, names, args, gbps):
     return result
 
 
+# The kernels of the bare recurrence live beside this tool (the package's
+# kernels compute the whole unit, gates included; see `rg_lru` below).
+UNFUSED_KERNELS = ("pallas", "triton")
+
+
+def _unfused_kernel(name):
+    """`(a, x) -> (y, h_last)` of tools/{name}_scan_unfused.py."""
+    from keras_recurrentgemma.ops import scan
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    if name == "pallas":
+        from pallas_scan_unfused import rg_lru_scan_pallas
+
+        return functools.partial(rg_lru_scan_pallas, interpret=scan._interpret())
+    from triton_scan_unfused import rg_lru_scan_triton
+
+    return rg_lru_scan_triton
+
+
 def our_candidates(names, x):
     """Ours, by name; `x` is an input, for what `"auto"` resolves to here."""
     from keras_recurrentgemma.ops import scan
@@ -575,6 +598,8 @@ def our_candidates(names, x):
     for name in names:
 
         def fn(a, x, name=name):
+            if name in UNFUSED_KERNELS:
+                return _unfused_kernel(name)(a, x)[0]
             return scan.rg_lru_scan(a, x, implementation=name)[0]
 
         note = None

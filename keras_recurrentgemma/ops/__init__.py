@@ -1,3 +1,4 @@
+from keras_recurrentgemma.ops.kernel_check import KernelFallbackWarning
 from keras_recurrentgemma.ops.rg_lru import rg_lru
 from keras_recurrentgemma.ops.rg_lru import rg_lru_gates
 from keras_recurrentgemma.ops.scan import IMPLEMENTATIONS

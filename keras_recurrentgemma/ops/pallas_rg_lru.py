@@ -18,7 +18,8 @@ kernel recomputes the gates from them and writes `dx`, `dz^x`, `dz^a`
 directly. No `[b, t, l]` intermediate exists in either direction, so
 training also keeps no `ā`, `x̄` for the backward pass.
 
-Backward, with `g_t` the gradient reaching `h_t` (see `pallas_scan`):
+Backward, with `g_t` the gradient reaching `h_t` (`dy_t`, plus `dh_last` at
+the last step, plus what flows back from `h_{t+1}`):
 
     g_t = dy_t + ā_{t+1} ⊙ g_{t+1}
     dx_t = g_t ⊙ i_t ⊙ m_t                   m_t = sqrt(1 − a_t²) (1 at resets)
@@ -29,10 +30,10 @@ Backward, with `g_t` the gradient reaching `h_t` (see `pallas_scan`):
 inside documents (all zero on padding; only `dx`, `dz^x` at resets), where
 `s_t = sqrt(max(1 − a_t², 1/(4·1000²)))` caps sqrt's derivative at 1000 as
 the official model does. `1 − a_t²` is `−expm1(2 log a_t)` (see
-`_one_minus_exp`), as in the `keras.ops` gates. `Λ`'s gradient flows through
+`ops.rg_lru_math`), as in the `keras.ops` gates. `Λ`'s gradient flows through
 `w` outside the kernel.
 
-The block layout, padding and platforms are those of `pallas_scan`. The
+The block layout, padding and platforms are those of `ops.pallas_layout`. The
 positions of a program's time steps are read as scalars: a `[t]` block on GPU,
 and on TPU a `[time_block]` block in SMEM (scalar memory), reshaped so that
 its last two dimensions, `[1, time_block]`, are whole.
@@ -41,11 +42,8 @@ its last two dimensions, `[1, time_block]`, are whole.
 import functools
 from typing import NamedTuple
 
-from keras_recurrentgemma.ops import pallas_scan
-
-# sqrt'(x) is capped at 1000 (as in `ops.rg_lru.sqrt_bound_derivative`).
-_SQRT_FLOOR = 1.0 / (4.0 * 1000.0**2)
-_C = 8.0
+from keras_recurrentgemma.ops import pallas_layout as layout
+from keras_recurrentgemma.ops import rg_lru_math
 
 
 def rg_lru_pallas(
@@ -70,8 +68,12 @@ def rg_lru_pallas(
         a_param: float array `[l]`, `Λ`.
         segment_pos: int array `[b, t]`: 0 starts a document, -1 is padding.
         h0: optional float array `[b, l]`, the state before the first step.
-        platform, interpret, block_width, time_block: as in
-            `pallas_scan.rg_lru_scan_pallas`.
+        platform: `"gpu"` (Triton) or `"tpu"` (Mosaic); defaults to
+            `jax.default_backend()`, and on CPU (`interpret` only) to "gpu".
+        interpret: run in the Pallas interpreter (any device); anything
+            `pallas_call` accepts, e.g. `pltpu.InterpretParams()`.
+        block_width: lanes per program (see `pallas_layout.make_plan`).
+        time_block: TPU only: time steps per grid step.
 
     Returns:
         `(y, h_last)`, float32 `[b, t, l]` and `[b, l]`. Gradients reach `x`,
@@ -107,31 +109,24 @@ def rg_lru_pallas(
         if h0.shape != (b, l):
             raise ValueError(f"`h0` must have shape {(b, l)}; got {h0.shape}.")
 
-    platform = platform or jax.default_backend()
-    if platform == "cpu" and interpret:
-        platform = "gpu"
-    if platform not in pallas_scan.PLATFORMS:
-        raise ValueError(
-            f"No Pallas kernel for platform {platform!r}; expected one of "
-            f"{pallas_scan.PLATFORMS}, or interpret=True to run on CPU."
-        )
-    plan = pallas_scan._make_plan(platform, t, l, block_width, time_block)
+    platform = layout.resolve_platform(platform, interpret)
+    plan = layout.make_plan(platform, t, l, block_width, time_block)
     config = _Config(plan, interpret, h0 is not None)
     # softplus is per channel: computed once here, and differentiated by JAX.
-    w = -_C * jax.nn.softplus(a_param.astype(jnp.float32))
+    w = -rg_lru_math.C * jax.nn.softplus(a_param.astype(jnp.float32))
     return _differentiable(config)(
         x, gate_x, gate_a, w, segment_pos.astype(jnp.int32), h0
     )
 
 
 class _Config(NamedTuple):
-    plan: pallas_scan._Plan
+    plan: layout.Plan
     interpret: object
     has_h0: bool
 
 
 # Layout of the per-channel and per-token inputs (the sequences and states
-# use `pallas_scan`'s).
+# use `ops.pallas_layout`'s).
 
 
 def _to_channels(plan, w):
@@ -139,7 +134,7 @@ def _to_channels(plan, w):
 
     w = jnp.pad(w, (0, plan.padded_width - plan.width))
     if plan.platform == "tpu":
-        w = w.reshape(-1, pallas_scan._LANES)
+        w = w.reshape(-1, layout.LANES)
     return w
 
 
@@ -148,8 +143,8 @@ def _channels_spec(plan):
 
     if plan.platform == "gpu":
         return pl.BlockSpec((plan.block_width,), lambda i, j, s: (j,))
-    rows = plan.block_width // pallas_scan._LANES
-    return pl.BlockSpec((rows, pallas_scan._LANES), lambda i, j, s: (j, 0))
+    rows = plan.block_width // layout.LANES
+    return pl.BlockSpec((rows, layout.LANES), lambda i, j, s: (j, 0))
 
 
 def _to_positions(plan, segment_pos):
@@ -216,27 +211,18 @@ def _gates(x, gate_x, gate_a, w, pos):
     gate_a = jax.nn.sigmoid(gate_a.astype(jnp.float32))
     log_a = gate_a * w
     a = jnp.exp(log_a)
-    a_square = jnp.exp(2.0 * log_a)
-    one_minus_a_square = _one_minus_exp(2.0 * log_a)
+    z = 2.0 * log_a
+    a_square = jnp.exp(z)
+    one_minus_a_square = jnp.where(
+        z > rg_lru_math.SERIES_RANGE,
+        rg_lru_math.minus_expm1_series(z),
+        1.0 - a_square,
+    )
     reset, pad = pos == 0, pos < 0
     multiplier = jnp.where(reset, 1.0, jnp.sqrt(one_minus_a_square))
     return _Step(
         x, gate_x, gate_a, a, a_square, one_minus_a_square, multiplier, reset, pad
     )
-
-
-def _one_minus_exp(z):
-    """`1 − exp(z) = −expm1(z)` for `z ≤ 0`, accurate to float32 near 0.
-
-    Mosaic has no expm1, so near 0 (where `1 − exp(z)` cancels) a Taylor
-    series takes over; its first omitted term is below 1e-8 of the value.
-    """
-    import jax.numpy as jnp
-
-    series = 1.0 + z / 7.0
-    for k in (6.0, 5.0, 4.0, 3.0, 2.0):
-        series = 1.0 + z / k * series
-    return jnp.where(z > -0.25, -z * series, 1.0 - jnp.exp(z))
 
 
 # Kernels.
@@ -330,7 +316,7 @@ def _backward_kernel(*refs, has_h0, num_chunks):
         dx_ref[i] = (gated * s.multiplier).astype(dx_ref.dtype)
         dgx = g_in * s.x * s.multiplier * s.gate_x * (1.0 - s.gate_x)
         dgx_ref[i] = dgx.astype(dgx_ref.dtype)
-        slope = jax.lax.rsqrt(jnp.maximum(s.one_minus_a_square, _SQRT_FLOOR))
+        slope = jax.lax.rsqrt(jnp.maximum(s.one_minus_a_square, rg_lru_math.SQRT_FLOOR))
         dlog_a = g_in * h_before * s.a - gated * s.x * s.a_square * slope
         dlog_a = jnp.where(s.reset, 0.0, dlog_a)
         dga_ref[i] = (dlog_a * w * s.gate_a * (1.0 - s.gate_a)).astype(dga_ref.dtype)
@@ -357,7 +343,7 @@ def _forward_call(config, x, gx, ga, w, pos, h0):
 
     plan = config.plan
     b = x.shape[0]
-    seq, state = pallas_scan._sequence_spec(plan), pallas_scan._state_spec(plan)
+    seq, state = layout.sequence_spec(plan), layout.state_spec(plan)
     in_specs = [seq, seq, seq, _channels_spec(plan), _positions_spec(plan)]
     args = [x, gx, ga, w, pos]
     if config.has_h0:
@@ -372,10 +358,10 @@ def _forward_call(config, x, gx, ga, w, pos, h0):
             jax.ShapeDtypeStruct(x.shape, "float32"),
             jax.ShapeDtypeStruct((b,) + x.shape[2:], "float32"),
         ),
-        grid=pallas_scan._grid(plan, b),
+        grid=layout.grid(plan, b),
         in_specs=in_specs,
         out_specs=(seq, state),
-        compiler_params=pallas_scan._compiler_params(plan),
+        compiler_params=layout.compiler_params(plan),
         interpret=config.interpret,
         name="rg_lru_forward",
     )(*args)
@@ -387,8 +373,8 @@ def _backward_call(config, x, gx, ga, w, pos, y, dy, dh_last, h0):
 
     plan = config.plan
     b = x.shape[0]
-    seq = pallas_scan._sequence_spec(plan, reverse=True)
-    state = pallas_scan._state_spec(plan)
+    seq = layout.sequence_spec(plan, reverse=True)
+    state = layout.state_spec(plan)
     in_specs = [seq, seq, seq, _channels_spec(plan), _positions_spec(plan, True)]
     in_specs += [seq, seq, state]
     args = [x, gx, ga, w, pos, y, dy, dh_last]
@@ -396,7 +382,7 @@ def _backward_call(config, x, gx, ga, w, pos, y, dy, dh_last, h0):
         in_specs.append(state)
         args.append(h0)
     if plan.num_chunks > 1:
-        in_specs.append(pallas_scan._row_before_chunk_spec(plan))
+        in_specs.append(layout.row_before_chunk_spec(plan))
         args.append(y)
     kernel = functools.partial(
         _backward_kernel, has_h0=config.has_h0, num_chunks=plan.num_chunks
@@ -411,10 +397,10 @@ def _backward_call(config, x, gx, ga, w, pos, y, dy, dh_last, h0):
             state_shape,
             state_shape,
         ),
-        grid=pallas_scan._grid(plan, b),
+        grid=layout.grid(plan, b),
         in_specs=in_specs,
         out_specs=(seq, seq, seq, state, state),
-        compiler_params=pallas_scan._compiler_params(plan),
+        compiler_params=layout.compiler_params(plan),
         interpret=config.interpret,
         name="rg_lru_backward",
     )(*args)
@@ -427,10 +413,10 @@ def _kernel_inputs(config, x, gx, ga, w, pos, h0):
     import jax.numpy as jnp
 
     plan = config.plan
-    sequences = [pallas_scan._to_sequence(plan, v, 0) for v in (x, gx, ga)]
+    sequences = [layout.to_sequence(plan, v, 0) for v in (x, gx, ga)]
     h0_k = None
     if config.has_h0:
-        h0_k = pallas_scan._to_state(plan, h0.astype(jnp.float32))
+        h0_k = layout.to_state(plan, h0.astype(jnp.float32))
     return sequences + [_to_channels(plan, w), _to_positions(plan, pos), h0_k]
 
 
@@ -446,8 +432,8 @@ def _differentiable(config):
             config, *_kernel_inputs(config, x, gx, ga, w, pos, h0)
         )
         outputs = (
-            pallas_scan._from_sequence(plan, y_k),
-            pallas_scan._from_state(plan, h_last),
+            layout.from_sequence(plan, y_k),
+            layout.from_state(plan, h_last),
         )
         return outputs, y_k
 
@@ -468,17 +454,13 @@ def _differentiable(config):
             config,
             *inputs[:5],
             y_k,
-            pallas_scan._to_sequence(plan, dy.astype(jnp.float32), 0),
-            pallas_scan._to_state(plan, dh_last.astype(jnp.float32)),
+            layout.to_sequence(plan, dy.astype(jnp.float32), 0),
+            layout.to_state(plan, dh_last.astype(jnp.float32)),
             inputs[5],
         )
-        grads = [pallas_scan._from_sequence(plan, v) for v in (dx, dgx, dga)]
-        dw = pallas_scan._from_state(plan, dw).sum(axis=0)
-        dh0 = (
-            pallas_scan._from_state(plan, dh0).astype(h0.dtype)
-            if config.has_h0
-            else None
-        )
+        grads = [layout.from_sequence(plan, v) for v in (dx, dgx, dga)]
+        dw = layout.from_state(plan, dw).sum(axis=0)
+        dh0 = layout.from_state(plan, dh0).astype(h0.dtype) if config.has_h0 else None
         return (*grads, dw, None, dh0)
 
     rg_lru.defvjp(rg_lru_fwd, rg_lru_bwd)

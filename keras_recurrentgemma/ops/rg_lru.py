@@ -15,17 +15,16 @@ XLA (JAX, TensorFlow) fuses that arithmetic on its own.
 
 from keras import ops
 
+from keras_recurrentgemma.ops import kernel_check
+from keras_recurrentgemma.ops import rg_lru_math
+from keras_recurrentgemma.ops.scan import KERNELS
 from keras_recurrentgemma.ops.scan import _interpret
 from keras_recurrentgemma.ops.scan import resolve_implementation
 from keras_recurrentgemma.ops.scan import rg_lru_scan
-
-# The constant `c` of the paper: log a_t = -c · r_t · softplus(Λ).
-_C = 8.0
-# sqrt'(x) is capped at this value, as in the official model.
-_MAX_SQRT_GRADIENT = 1000.0
+from keras_recurrentgemma.ops.scan import rg_lru_scan_reference
 
 
-def sqrt_bound_derivative(x, max_gradient=_MAX_SQRT_GRADIENT):
+def sqrt_bound_derivative(x, max_gradient=rg_lru_math.MAX_SQRT_GRADIENT):
     """`sqrt(x)` whose gradient is `1 / (2 sqrt(max(x, 1 / (4 m²))))`.
 
     The forward value is exactly `sqrt(x)`. Written with `stop_gradient`
@@ -47,7 +46,7 @@ def rg_lru_gates(x, gate_x, gate_a, a_param, segment_pos):
     """
     gate_x = ops.sigmoid(ops.cast(gate_x, "float32"))
     gate_a = ops.sigmoid(ops.cast(gate_a, "float32"))
-    log_a = -_C * gate_a * ops.softplus(ops.cast(a_param, "float32"))
+    log_a = -rg_lru_math.C * gate_a * ops.softplus(ops.cast(a_param, "float32"))
     a = ops.exp(log_a)
     # 1 − a² as −expm1(2 log a): the official `1 - exp(2 log a)` keeps no
     # correct digit once a is within float32's epsilon of 1, and the kernels
@@ -74,26 +73,49 @@ def rg_lru(x, gate_x, gate_a, a_param, segment_pos, h0=None, implementation="aut
         a_param: float tensor `[l]`, `Λ`.
         segment_pos: int tensor `[b, t]`; 0 starts a document, -1 is padding.
         h0: optional float tensor `[b, l]`, the state carried in.
-        implementation: as in `rg_lru_scan`. `"pallas"` and `"triton"` run
-            the gates in their kernel too; every other implementation runs
-            `rg_lru_gates` and then its scan.
+        implementation: as in `resolve_implementation`. `"pallas"` and
+            `"triton"` run the gates in their kernel too; every other
+            implementation runs `rg_lru_gates` and then `rg_lru_scan`. When
+            `"auto"` picks a kernel, the kernel is first checked on this
+            device (`ops.kernel_check`); one that fails warns once and the
+            reference runs instead.
 
     Returns:
         `(y, h_last)`: float32 `[b, t, l]` and `[b, l]`.
     """
     name = resolve_implementation(implementation, x)
-    if name in ("pallas", "triton"):
-        # A `keras.Variable` is the backend's tensor only once converted.
-        a_param = ops.convert_to_tensor(a_param)
+    if name in KERNELS:
+        # "auto" trusts a kernel on a device only once it passed its check
+        # there; a forced one runs unchecked and fails loudly.
+        if implementation == "auto" and not kernel_check.kernel_works(
+            name, x, _kernel(name), _reference
+        ):
+            name = "reference"
+        else:
+            # A `keras.Variable` is the backend's tensor only once converted.
+            a_param = ops.convert_to_tensor(a_param)
+            return _kernel(name)(x, gate_x, gate_a, a_param, segment_pos, h0)
+    a, normalized_x = rg_lru_gates(x, gate_x, gate_a, a_param, segment_pos)
+    return rg_lru_scan(a, normalized_x, h0, implementation=name)
+
+
+def _kernel(name):
+    """The kernel of the whole unit, `(x, gate_x, gate_a, Λ, segment_pos, h0)`."""
     if name == "pallas":
         from keras_recurrentgemma.ops import pallas_rg_lru
 
-        return pallas_rg_lru.rg_lru_pallas(
-            x, gate_x, gate_a, a_param, segment_pos, h0, interpret=_interpret()
-        )
-    if name == "triton":
-        from keras_recurrentgemma.ops import triton_rg_lru
+        def pallas(*args):
+            return pallas_rg_lru.rg_lru_pallas(*args, interpret=_interpret())
 
-        return triton_rg_lru.rg_lru_triton(x, gate_x, gate_a, a_param, segment_pos, h0)
+        return pallas
+    from keras_recurrentgemma.ops import triton_rg_lru
+
+    def triton(*args):
+        return triton_rg_lru.rg_lru_triton(*args)
+
+    return triton
+
+
+def _reference(x, gate_x, gate_a, a_param, segment_pos, h0):
     a, normalized_x = rg_lru_gates(x, gate_x, gate_a, a_param, segment_pos)
-    return rg_lru_scan(a, normalized_x, h0, implementation=name)
+    return rg_lru_scan_reference(a, normalized_x, h0)

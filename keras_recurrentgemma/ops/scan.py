@@ -1,13 +1,16 @@
-"""The RG-LRU linear recurrence and the one dispatcher every caller goes through.
+"""The RG-LRU linear recurrence, and which implementation runs where.
 
 Shape legend used in this package: `b` batch, `t` sequence, `l` lru_width.
 
     h_t = a_t ⊙ h_{t-1} + x_t,   h_{-1} = h0 (zeros when absent)
 
-`rg_lru_scan` is the single entry point. It picks an implementation at run time
-from the backend and device; the `keras.ops` reference below is the truth that
-every fast path is tested against. Layers call `rg_lru_scan` and never branch on
-the backend themselves.
+Layers call `ops.rg_lru` (the whole unit, gates included), never this module
+directly, and never branch on the backend themselves. `ops.rg_lru` asks
+`resolve_implementation` which implementation runs for the backend and
+device: a kernel of the whole unit (`"pallas"`, `"triton"`), or the gates in
+`keras.ops` followed by `rg_lru_scan`, the bare recurrence in `keras.ops`
+below. `rg_lru_scan_reference` is the truth every fast path is tested
+against.
 """
 
 import functools
@@ -151,18 +154,26 @@ def rg_lru_scan(a, x, h0=None, implementation="auto"):
               (`tf.function(jit_compile=True)`) whoever calls it; 4-13x
               faster than `"doubling"` under XLA on CPU, forward and
               backward;
-            - `"pallas"` (JAX on GPU or TPU): a Pallas kernel;
-            - `"triton"` (torch on CUDA): a Triton kernel.
+            - `"pallas"`, `"triton"`: the kernels compute the whole unit,
+              gates included, and are reached through `ops.rg_lru`; here
+              `"auto"` runs the reference where it would pick one, and a
+              forced one raises a `ValueError` saying so.
             A forced implementation that cannot run here raises a
-            `ValueError` saying why. With the environment variable
-            `KERAS_RECURRENTGEMMA_INTERPRET=1`, `"pallas"` runs in Pallas's
-            interpreter on CPU (Triton's needs `TRITON_INTERPRET=1` before
-            it is imported), which is how the tests cover the kernels.
+            `ValueError` saying why.
 
     Returns:
         `(y, h_last)`, both float32, as in `rg_lru_scan_reference`.
     """
     name = resolve_implementation(implementation, x)
+    if name in KERNELS:
+        if implementation != "auto":
+            raise ValueError(
+                f"rg_lru_scan has no {name!r} kernel: the {name} kernel "
+                "computes the whole RG-LRU, gates included; call "
+                "`keras_recurrentgemma.ops.rg_lru` with this implementation, "
+                "or rg_lru_scan with 'reference', 'doubling' or 'xla'."
+            )
+        name = "reference"
     if name == "doubling":
         return rg_lru_scan_doubling(a, x, h0)
     if name == "xla":
@@ -172,19 +183,13 @@ def rg_lru_scan(a, x, h0=None, implementation="auto"):
             # unknown size); the caller's own compilation still applies.
             return rg_lru_scan_reference(a, x, h0)
         return _xla_reference()(a, x, h0)
-    if name == "pallas":
-        from keras_recurrentgemma.ops import pallas_scan
-
-        return pallas_scan.rg_lru_scan_pallas(a, x, h0, interpret=_interpret())
-    if name == "triton":
-        from keras_recurrentgemma.ops import triton_scan
-
-        return triton_scan.rg_lru_scan_triton(a, x, h0)
     return _compiled_reference()(a, x, h0)
 
 
 # The backend each fast path runs on.
 _FAST_PATH_BACKENDS = {"xla": "tensorflow", "pallas": "jax", "triton": "torch"}
+# The fast paths that are kernels of their own (rather than `keras.ops`).
+KERNELS = ("pallas", "triton")
 
 
 def resolve_implementation(implementation="auto", x=None):
@@ -193,6 +198,11 @@ def resolve_implementation(implementation="auto", x=None):
     `"auto"` gives `"pallas"` on JAX with a GPU or TPU, `"xla"` on
     TensorFlow, `"triton"` on torch when `x` (or, without `x`, the default
     device) is on CUDA and Triton is installed, and `"reference"` otherwise.
+    (`ops.rg_lru` then checks a kernel once per device before trusting it;
+    see `ops.kernel_check`.) With the environment variable
+    `KERAS_RECURRENTGEMMA_INTERPRET=1`, a forced `"pallas"` runs in Pallas's
+    interpreter on CPU (Triton's needs `TRITON_INTERPRET=1`), which is how
+    the tests cover the kernels; `"auto"` never picks an interpreter.
 
     Raises:
         ValueError: for an unknown name, or a forced fast path that cannot
@@ -208,10 +218,7 @@ def resolve_implementation(implementation="auto", x=None):
         fast = {v: k for k, v in _FAST_PATH_BACKENDS.items()}[backend]
         if backend == "tensorflow":
             return fast
-        # The interpreters are for tests: far slower than the reference.
-        if backend == "torch" and _torch_device(x).type != "cuda":
-            return "reference"
-        if backend == "jax" and _interpret():
+        if not _on_accelerator(x):
             return "reference"
         return fast if _unavailable(fast, x) is None else "reference"
     if implementation in _FAST_PATH_BACKENDS:
@@ -222,6 +229,19 @@ def resolve_implementation(implementation="auto", x=None):
                 f"{why}. Use implementation='auto' or 'reference'."
             )
     return implementation
+
+
+def _on_accelerator(x):
+    """Whether `x` (JAX: the default device) is on a GPU or TPU (torch: CUDA).
+
+    The interpreters do not count: they are for tests, far slower than the
+    reference.
+    """
+    if keras.config.backend() == "torch":
+        return _torch_device(x).type == "cuda"
+    import jax
+
+    return jax.default_backend() in ("gpu", "tpu") and not _interpret()
 
 
 def _unavailable(name, x):
@@ -243,13 +263,13 @@ def _unavailable(name, x):
             )
         if _interpret():
             return None
-        from keras_recurrentgemma.ops import pallas_scan
+        from keras_recurrentgemma.ops import pallas_layout
 
-        ok, reason = pallas_scan.available(platform)
+        ok, reason = pallas_layout.available(platform)
         return None if ok else reason
-    from keras_recurrentgemma.ops import triton_scan
+    from keras_recurrentgemma.ops import triton_launch
 
-    ok, reason = triton_scan.available(_torch_device(x))
+    ok, reason = triton_launch.available(_torch_device(x))
     return None if ok else reason
 
 

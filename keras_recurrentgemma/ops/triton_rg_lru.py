@@ -14,16 +14,19 @@ over `[b, t, l]` float32 memory. Here the forward kernel reads `x`, `z^x`,
 `w`, a `[l]` vector, in torch.
 
 Each program owns one batch row and `BLOCK_L` channels and walks the sequence
-in order, as in `ops.triton_scan`, whose import and block-size rules apply.
+in order; `ops.triton_launch` has the import and block-size rules.
 Both passes are torch custom ops (`keras_recurrentgemma::rg_lru_forward`,
 `::rg_lru_backward`), so a traced decode step replays the kernel.
 """
 
 import functools
 
-from keras_recurrentgemma.ops import triton_scan
+from keras_recurrentgemma.ops import rg_lru_math
+from keras_recurrentgemma.ops import triton_launch as launch
 
-_C = 8.0
+# Called by the kernels under Triton's interpreter, which runs a kernel's
+# source in this module's globals (see `_kernels`).
+minus_expm1_series = rg_lru_math.minus_expm1_series
 
 
 def rg_lru_triton(x, gate_x, gate_a, a_param, segment_pos, h0=None, *, block_l=None):
@@ -46,15 +49,12 @@ def rg_lru_triton(x, gate_x, gate_a, a_param, segment_pos, h0=None, *, block_l=N
     import torch
 
     _check_inputs(x, gate_x, gate_a, a_param, segment_pos, h0)
-    ok, reason = triton_scan.available(x.device)
+    ok, reason = launch.available(x.device)
     if not ok:
         raise RuntimeError(f"rg_lru_triton cannot run: {reason}")
-    b, t, l = x.shape
-    if block_l is None:
-        block_l = triton_scan._default_block_l(b, l, x.device)
-    elif block_l < 1 or block_l & (block_l - 1):
-        raise ValueError(f"block_l must be a power of two, got {block_l}.")
-    w = -_C * torch.nn.functional.softplus(a_param.float())
+    b, _, l = x.shape
+    block_l = launch.block_l_for(block_l, b, l, x.device)
+    w = -rg_lru_math.C * torch.nn.functional.softplus(a_param.float())
     pos = segment_pos.to(torch.int32)
     return _forward_op()(x, gate_x, gate_a, w, pos, h0, block_l)
 
@@ -96,6 +96,14 @@ def _check_inputs(x, gate_x, gate_a, a_param, segment_pos, h0):
         )
 
 
+# The constants of `rg_lru_math` the kernels read, passed in as `tl.constexpr`
+# (a kernel reads no Python global that is not one).
+_LAUNCH_CONSTANTS = {
+    "SERIES_RANGE": rg_lru_math.SERIES_RANGE,
+    "SQRT_FLOOR": rg_lru_math.SQRT_FLOOR,
+}
+
+
 @functools.cache
 def _forward_op():
     """The forward kernel as a torch custom op, with the backward as its autograd.
@@ -124,7 +132,7 @@ def _forward_op():
         b, t, l = x.shape
         y = torch.empty((b, t, l), dtype=torch.float32, device=x.device)
         h_last = torch.empty((b, l), dtype=torch.float32, device=x.device)
-        forward, _ = _kernels(triton_scan._interpreting())
+        forward, _ = _kernels(launch.interpreting())
         # A missing h0 is never read (HAS_H0 is False); any pointer will do.
         forward[(b, triton.cdiv(l, block_l))](
             x.contiguous(),
@@ -139,7 +147,8 @@ def _forward_op():
             l,
             HAS_H0=h0 is not None,
             BLOCK_L=block_l,
-            **triton_scan._launch_options(block_l),
+            **_LAUNCH_CONSTANTS,
+            **launch.launch_options(block_l),
         )
         return y, h_last
 
@@ -172,7 +181,7 @@ def _forward_op():
         dh0 = torch.empty((b, l), dtype=torch.float32, device=x.device)
         # Autograd hands unused cotangents over as stride-0 expansions.
         dh_last = dh_last.float().contiguous()
-        _, backward = _kernels(triton_scan._interpreting())
+        _, backward = _kernels(launch.interpreting())
         backward[(b, triton.cdiv(l, block_l))](
             x,
             gate_x,
@@ -192,7 +201,8 @@ def _forward_op():
             l,
             HAS_H0=h0 is not None,
             BLOCK_L=block_l,
-            **triton_scan._launch_options(block_l),
+            **_LAUNCH_CONSTANTS,
+            **launch.launch_options(block_l),
         )
         return dx, dgate_x, dgate_a, dw_rows.sum(0), dh0
 
@@ -228,15 +238,27 @@ def _forward_op():
 
 @functools.cache
 def _kernels(interpreted):
-    """The kernels, decorated in the current Triton mode (see `triton_scan`)."""
-    del interpreted
-    triton = triton_scan._import_triton()
+    """The forward and backward kernels, decorated in the current Triton mode.
+
+    Keyed on the mode because `triton.jit` reads `TRITON_INTERPRET` when it
+    decorates: a kernel decorated for the GPU cannot run in the interpreter.
+    """
+    triton = launch.import_triton()
     import triton.language as tl
 
-    # Builtins only inside the kernels (`tl.full`, `tl.exp`, not the
-    # `triton.jit` library functions such as `tl.sigmoid`): see triton_scan.
-    # No helper functions either: the interpreter resolves a kernel's names
-    # in the module's globals, where kernels decorated at first use are not.
+    # Only builtins of `tl` inside the kernels (`tl.full`, `tl.exp`, not
+    # `tl.sigmoid` or `tl.zeros`): Triton's library functions are themselves
+    # `triton.jit` functions decorated when `triton.language` is imported, so
+    # with TRITON_INTERPRET set after that import the interpreter refuses
+    # them. Our one helper, the expm1 series, is pure arithmetic: compiled,
+    # the kernels find it decorated here (the compiler reads closures); the
+    # interpreter runs a kernel's source in the module's globals, where the
+    # plain function stands under the same name.
+    minus_expm1_series = (  # noqa: F811
+        rg_lru_math.minus_expm1_series
+        if interpreted
+        else triton.jit(rg_lru_math.minus_expm1_series)
+    )
 
     # Sequence lengths change every call (prefill chunks, decode); not
     # specialising on them avoids a recompilation per length.
@@ -254,6 +276,8 @@ def _kernels(interpreted):
         L,
         HAS_H0: tl.constexpr,
         BLOCK_L: tl.constexpr,
+        SERIES_RANGE: tl.constexpr,
+        SQRT_FLOOR: tl.constexpr,
     ):
         pid_b = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -276,9 +300,9 @@ def _kernels(interpreted):
             # 1 − a² = −expm1(2 log a), by its series where `1 − exp` cancels
             # (no expm1 in the interpreter); as in `pallas_rg_lru`.
             z = 2.0 * log_a
-            series = 1.0 + z / 2.0 * (1.0 + z / 3.0 * (1.0 + z / 4.0 * (
-                1.0 + z / 5.0 * (1.0 + z / 6.0 * (1.0 + z / 7.0)))))  # fmt: skip
-            one_minus_a_square = tl.where(z > -0.25, -z * series, 1.0 - tl.exp(z))
+            one_minus_a_square = tl.where(
+                z > SERIES_RANGE, minus_expm1_series(z), 1.0 - tl.exp(z)
+            )
             multiplier = tl.where(pos == 0, 1.0, tl.sqrt(one_minus_a_square))
             decay = tl.where(pos == 0, 0.0, tl.where(pos < 0, 1.0, a))
             h = decay * h + tl.where(pos < 0, 0.0, x * gx * multiplier)
@@ -306,6 +330,8 @@ def _kernels(interpreted):
         L,
         HAS_H0: tl.constexpr,
         BLOCK_L: tl.constexpr,
+        SERIES_RANGE: tl.constexpr,
+        SQRT_FLOOR: tl.constexpr,
     ):
         pid_b = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -334,9 +360,9 @@ def _kernels(interpreted):
             a = tl.exp(log_a)
             z = 2.0 * log_a
             a_square = tl.exp(z)
-            series = 1.0 + z / 2.0 * (1.0 + z / 3.0 * (1.0 + z / 4.0 * (
-                1.0 + z / 5.0 * (1.0 + z / 6.0 * (1.0 + z / 7.0)))))  # fmt: skip
-            one_minus_a_square = tl.where(z > -0.25, -z * series, 1.0 - a_square)
+            one_minus_a_square = tl.where(
+                z > SERIES_RANGE, minus_expm1_series(z), 1.0 - a_square
+            )
             multiplier = tl.where(pos == 0, 1.0, tl.sqrt(one_minus_a_square))
             decay = tl.where(pos == 0, 0.0, tl.where(pos < 0, 1.0, a))
 
@@ -348,8 +374,8 @@ def _kernels(interpreted):
             tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             dgx = g_in * x * multiplier * gx * (1.0 - gx)
             tl.store(dgx_ptr + offsets, dgx.to(dgx_ptr.dtype.element_ty), mask=mask)
-            # 2.5e-7 = 1 / (4 · 1000²): sqrt's derivative is capped at 1000.
-            slope = 1.0 / tl.sqrt(tl.maximum(one_minus_a_square, 2.5e-7))
+            # sqrt's derivative is capped (rg_lru_math.MAX_SQRT_GRADIENT).
+            slope = 1.0 / tl.sqrt(tl.maximum(one_minus_a_square, SQRT_FLOOR))
             dlog_a = g_in * h_before * a - gated * x * a_square * slope
             dlog_a = tl.where(pos == 0, 0.0, dlog_a)
             dga = dlog_a * w * ga * (1.0 - ga)
