@@ -8,7 +8,7 @@ from keras_hub.models import CausalLMPreprocessor
 
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
-from keras_recurrentgemma.saving import atomic_preset_dir
+from keras_recurrentgemma.preset_mixin import AssetPresetMixin
 from keras_recurrentgemma.tokenizer import RecurrentGemmaTokenizer
 
 
@@ -50,7 +50,7 @@ def _assert_fits_in_graph(token_ids, limit):
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
-class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
+class RecurrentGemmaCausalLMPreprocessor(AssetPresetMixin, CausalLMPreprocessor):
     """Tokenizes and packs text for `RecurrentGemmaCausalLM`.
 
     Called on strings it returns `(x, y, sample_weight)` for `fit`: `x` holds
@@ -88,26 +88,8 @@ class RecurrentGemmaCausalLMPreprocessor(CausalLMPreprocessor):
 
     backbone_cls = RecurrentGemmaBackbone
     tokenizer_cls = RecurrentGemmaTokenizer
-    presets = preset_loader.PresetsProperty()
-
-    @classmethod
-    def from_preset(cls, preset, config_file="preprocessor.json", **kwargs):
-        """Builds the preprocessor from a preset name, directory or handle.
-
-        Accepts what `RecurrentGemmaBackbone.from_preset` accepts. A checkpoint
-        that is not a Keras preset gives a preprocessor around its
-        `tokenizer.model`, with `kwargs` (e.g. `sequence_length`) applied.
-        """
-        return preset_loader.load_preprocessor(cls, preset, config_file, **kwargs)
-
-    def save_to_preset(self, preset_dir):
-        """Saves the preprocessor and its tokenizer into `preset_dir`.
-
-        Atomic, and keeps the directory's other files (see
-        `RecurrentGemmaBackbone.save_to_preset`).
-        """
-        with atomic_preset_dir(preset_dir) as staging:
-            super().save_to_preset(staging)
+    _load_preset = staticmethod(preset_loader.load_preprocessor)
+    _preset_config_file = "preprocessor.json"
 
     def __init__(self, tokenizer, sequence_length=1024, **kwargs):
         _check_length(sequence_length, "sequence_length")

@@ -6,14 +6,14 @@ from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
-from keras_recurrentgemma.saving import atomic_preset_dir
+from keras_recurrentgemma.preset_mixin import AssetPresetMixin
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
-class RecurrentGemmaTokenizer(SentencePieceTokenizer):
+class RecurrentGemmaTokenizer(AssetPresetMixin, SentencePieceTokenizer):
     """RecurrentGemma's SentencePiece tokenizer.
 
     The official vocabulary (256,000 pieces) has `<pad>` = 0, `<eos>` = 1,
@@ -45,25 +45,8 @@ class RecurrentGemmaTokenizer(SentencePieceTokenizer):
     """
 
     backbone_cls = RecurrentGemmaBackbone
-    presets = preset_loader.PresetsProperty()
-
-    @classmethod
-    def from_preset(cls, preset, config_file="tokenizer.json", **kwargs):
-        """Builds the tokenizer from a preset name, directory or handle.
-
-        Accepts what `RecurrentGemmaBackbone.from_preset` accepts; for a
-        checkpoint that is not a Keras preset it reads its `tokenizer.model`.
-        """
-        return preset_loader.load_tokenizer(cls, preset, config_file, **kwargs)
-
-    def save_to_preset(self, preset_dir):
-        """Saves `tokenizer.json` and the vocabulary into `preset_dir`.
-
-        Atomic, and keeps the directory's other files (see
-        `RecurrentGemmaBackbone.save_to_preset`).
-        """
-        with atomic_preset_dir(preset_dir) as staging:
-            super().save_to_preset(staging)
+    _load_preset = staticmethod(preset_loader.load_tokenizer)
+    _preset_config_file = "tokenizer.json"
 
     def __init__(self, proto, **kwargs):
         self._add_special_token("<bos>", "start_token")
