@@ -1,5 +1,8 @@
-"""What `quantize` saves and costs: weight bytes, logit error, greedy agreement
-and generate time, before and after, as JSON.
+"""What `quantize` saves and costs: weight bytes, logit error, perplexity,
+greedy agreement and generate time, before and after, as JSON.
+
+Each mode of `--modes` (default int8 and int4) quantizes its own fresh copy
+of the model, and is compared with the same float measurements.
 
 Two models: the shipped preset `griffin_tiny_pydocs_en` (trained) and a tiny
 Griffin with the initializers' random weights on the preset's tokenizer. The
@@ -17,11 +20,13 @@ the first differing new token (`--new-tokens` where none differs), and
 `float_choice_agreement` is how often the float model, given the int8 run's
 prefix, would have picked the int8 run's next token.
 `float_repeats_previous_token` flags a degenerate float model (near 1: it
-only repeats the last token, and agreement means little). `generate_s` is
+only repeats the last token, and agreement means little). `perplexity` is
+`exp` of the mean next-token cross-entropy over the texts' real tokens, for
+the float and the quantized model alike. `generate_s` is
 the median of `--repeats` calls after a first, compiling one.
 
     KERAS_BACKEND=jax python tools/benchmark_quantize.py
-    KERAS_BACKEND=torch python tools/benchmark_quantize.py --models tiny
+    KERAS_BACKEND=torch python tools/benchmark_quantize.py --models tiny --modes int8
 """
 
 import argparse
@@ -69,7 +74,13 @@ def parse_args(argv=None):
         default=["preset", "tiny"],
     )
     parser.add_argument("--preset", default="griffin_tiny_pydocs_en")
-    parser.add_argument("--mode", default="int8", help="quantization mode")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("int8", "int4"),
+        default=["int8", "int4"],
+        help="quantization modes, each on a fresh copy (default int8 int4)",
+    )
     parser.add_argument(
         "--sequence-length",
         type=int,
@@ -135,23 +146,29 @@ def measure(causal_lm, token_ids, padding_mask, args):
     }
 
 
-def compare(reference, quantized, args):
-    """Measures two copies of a model, after quantizing the second."""
+def perplexity(logits, token_ids, padding_mask):
+    """`exp` of the mean cross-entropy of each real token given its prefix."""
+    logits = logits[:, :-1]
+    targets = token_ids[:, 1:]
+    real = padding_mask[:, 1:].astype(bool)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return float(np.exp(-picked[real].mean()))
+
+
+def compare(before, reference, quantized, mode, inputs, args):
+    """Quantizes `quantized` (a copy of `reference`) and measures both.
+
+    `before` is `measure(reference, ...)`, shared by every mode.
+    """
     from keras import ops
 
-    token_ids, padding_mask = tokenize(
-        reference.preprocessor.tokenizer, args.sequence_length
-    )
-    if padding_mask.sum(axis=1).min() < args.prompt_length:
-        raise ValueError(
-            f"A text is shorter than --prompt-length={args.prompt_length}."
-        )
-    for causal_lm in (reference, quantized):
-        causal_lm.compile(sampler="greedy")
+    token_ids, padding_mask = inputs
+    quantized.compile(sampler="greedy")
     float_bytes = weight_bytes(quantized.backbone)
     params = int(quantized.backbone.count_params())
-    quantized.quantize(args.mode)
-    before = measure(reference, token_ids, padding_mask, args)
+    quantized.quantize(mode)
     after = measure(quantized, token_ids, padding_mask, args)
 
     real = padding_mask.astype(bool)
@@ -162,7 +179,7 @@ def compare(reference, quantized, args):
     quantized_new = after["generated"][:, start:]
     same = float_new == quantized_new
     first = [int(np.argmin(row)) if not row.all() else row.size for row in same]
-    # The float model's greedy choice after each prefix of the int8 run.
+    # The float model's greedy choice after each prefix of the quantized run.
     choices = ops.convert_to_numpy(reference.score(after["generated"])).argmax(-1)
     quantized_bytes = weight_bytes(quantized.backbone)
     return {
@@ -171,6 +188,10 @@ def compare(reference, quantized, args):
             "float": float_bytes,
             "quantized": quantized_bytes,
             "ratio": round(quantized_bytes / float_bytes, 4),
+        },
+        "perplexity": {
+            "float": perplexity(before["logits"], token_ids, padding_mask),
+            "quantized": perplexity(after["logits"], token_ids, padding_mask),
         },
         "logits": {
             "positions": int(real.sum()),
@@ -200,6 +221,22 @@ def compare(reference, quantized, args):
     }
 
 
+def compare_modes(make_model, args):
+    """`{mode: compare(...)}`: one float model, one fresh copy per mode."""
+    reference = make_model()
+    inputs = tokenize(reference.preprocessor.tokenizer, args.sequence_length)
+    if inputs[1].sum(axis=1).min() < args.prompt_length:
+        raise ValueError(
+            f"A text is shorter than --prompt-length={args.prompt_length}."
+        )
+    reference.compile(sampler="greedy")
+    before = measure(reference, *inputs, args)
+    return {
+        mode: compare(before, reference, make_model(), mode, inputs, args)
+        for mode in args.modes
+    }
+
+
 def tiny_model(preset, seed):
     """A random Griffin on the preset's tokenizer, so the texts tokenize."""
     import keras
@@ -226,17 +263,23 @@ def main(argv=None):
         "backend": keras.config.backend(),
         "keras": keras.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "mode": args.mode,
+        "modes": list(args.modes),
         "models": {},
     }
     for name in args.models:
         if name == "preset":
-            pair = [RecurrentGemmaCausalLM.from_preset(args.preset) for _ in "fq"]
+
+            def make_model():
+                return RecurrentGemmaCausalLM.from_preset(args.preset)
+
             key = args.preset
         else:
-            pair = [tiny_model(args.preset, args.seed) for _ in "fq"]
+
+            def make_model():
+                return tiny_model(args.preset, args.seed)
+
             key = f"tiny_random_seed{args.seed}"
-        results["models"][key] = compare(*pair, args)
+        results["models"][key] = compare_modes(make_model, args)
     print(json.dumps(results, indent=2))
     return results
 
