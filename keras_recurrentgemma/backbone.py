@@ -17,6 +17,7 @@ from keras_recurrentgemma.layers.dense import check_quantization_mode
 from keras_recurrentgemma.layers.dense import quantizable_layers
 from keras_recurrentgemma.layers.embedding import ReversibleEmbedding
 from keras_recurrentgemma.layers.initialization import initializer
+from keras_recurrentgemma.layers.lora_state import merged_weights_only
 from keras_recurrentgemma.saving import atomic_preset_dir
 
 
@@ -32,6 +33,17 @@ def _with_segment_pos(inputs):
     if isinstance(inputs, dict) and "segment_pos" not in inputs:
         return {**inputs, "segment_pos": None}
     return inputs
+
+
+def _with_segment_pos_spec(inputs):
+    """Inputs for shape inference: a left-out `segment_pos` has the shape of
+    `token_ids` (Keras's graph walk reads every input's shape, even an
+    optional one's)."""
+    if not isinstance(inputs, dict) or inputs.get("segment_pos") is not None:
+        return inputs
+    token_ids = inputs["token_ids"]
+    spec = keras.KerasTensor(tuple(token_ids.shape), dtype="int32")
+    return {**inputs, "segment_pos": spec}
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
@@ -140,7 +152,7 @@ class RecurrentGemmaBackbone(Backbone):
 
         # === Layers ===
         self.segment_positions = SegmentPositions(
-            vocabulary_size, name="segment_positions"
+            vocabulary_size, dtype=dtype, name="segment_positions"
         )
         self.token_embedding = ReversibleEmbedding(
             input_dim=vocabulary_size,
@@ -268,6 +280,11 @@ class RecurrentGemmaBackbone(Backbone):
     def call(self, inputs, *args, **kwargs):
         return super().call(_with_segment_pos(inputs), *args, **kwargs)
 
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        return super().compute_output_spec(
+            _with_segment_pos_spec(inputs), *args, **kwargs
+        )
+
     # --- LoRA ---------------------------------------------------------------
 
     def default_lora_layer_names(self):
@@ -287,7 +304,10 @@ class RecurrentGemmaBackbone(Backbone):
         (`linear_x` into Conv1D → RG-LRU, `linear_y` into the gate). Only the
         factors train: the targets' kernels and biases are frozen, and
         saving the model (`save_to_preset`, `.keras`) merges the factors into
-        the kernels.
+        the kernels. Training checkpoints (`save_weights`, `ModelCheckpoint`,
+        `BackupAndRestore`) keep kernel and factors apart, so a run resumed
+        from one continues exactly: our `Dense` overrides Keras's, which
+        merges and zeroes the factors on load (see `layers/lora_state.py`).
 
         Args:
             rank: int > 0. Rank of the factorisation.
@@ -301,7 +321,7 @@ class RecurrentGemmaBackbone(Backbone):
         names = lora.check_target_names(self, target_layer_names)
         if lora.enabled_layers(self):
             raise ValueError(
-                f"LoRA is already enabled (rank {self._lora_rank} on "
+                f"LoRA is already enabled (rank {lora.lora_rank(self)} on "
                 f"{self._lora_target_layer_names}). Build or load a fresh model to "
                 "change it."
             )
@@ -390,7 +410,9 @@ class RecurrentGemmaBackbone(Backbone):
             ValueError: if `preset_dir` is a file or a non-empty directory
                 holding no preset.
         """
-        with atomic_preset_dir(preset_dir) as staging:
+        # A preset is for inference: LoRA is merged into the kernels and the
+        # factors are not written (see `layers/lora_state.py`).
+        with atomic_preset_dir(preset_dir) as staging, merged_weights_only():
             super().save_to_preset(staging, max_shard_size=max_shard_size)
 
     def get_config(self):

@@ -7,21 +7,30 @@ KerasHub's `Backbone` does the LoRA work (freeze everything, call
 - only the low-rank factors train: the targets' biases are frozen too;
 - a rank that is not a positive int, or a name no layer has, is an error
   that lists the valid names, instead of a silent no-op;
-- `save_lora_weights` writes KerasHub's layout (`lora/vars/rank`,
-  `lora/{index}/vars/lora_kernel_{a,b}`, so either library reads the other's
-  files), into a temporary file moved into place, plus a JSON description
-  of the model it came from;
-- `load_lora_weights` checks the file against the model (rank, target names,
-  layer paths, factor shapes) before assigning anything, and names the file
-  and the first mismatch.
+- `save_lora_weights` has KerasHub's `Backbone.save_lora_weights` write its
+  layout (`lora/vars/rank`, `lora/{index}/vars/lora_kernel_{a,b}`, so either
+  library reads the other's files) into a temporary file, adds a JSON
+  description of the model it came from, and renames it into place;
+- `load_lora_weights` reads the whole file and checks it against the model
+  (rank, target names, layer paths, factor shapes) before KerasHub's
+  `load_lora_weights` assigns anything, and names the file and the first
+  mismatch.
+
+Only `keras.layers.Dense` layers take LoRA here: KerasHub's file layout has
+no place for an embedding's factors (`lora_embeddings_{a,b}`).
+
+Training checkpoints (`save_weights`, `ModelCheckpoint`, `BackupAndRestore`)
+keep the factors through our `Dense` (`layers/lora_state.py`).
 """
 
+import contextlib
 import json
 import os
 
 import h5py
+import keras
 import numpy as np
-from keras.src.saving.saving_lib import H5IOStore
+from keras_hub.models import Backbone
 
 # Attention query and value projections, and the recurrent block's two input
 # projections (the Conv1D/RG-LRU branch and the gate branch).
@@ -32,6 +41,16 @@ METADATA_KEY = "keras_recurrentgemma_lora"
 SUFFIX = ".lora.h5"
 
 
+# --- KerasHub's LoRA bookkeeping ------------------------------------------
+# The one place that reads private state. KerasHub numbers the layers of a
+# LoRA file by their index in Keras's private `_flatten_layers` order (its
+# `Backbone.save_lora_weights`), and keeps the rank and those indices in
+# `Backbone._lora_rank` / `_lora_enabled_layers`; no public API exposes
+# either. If Keras or KerasHub renames them, `enabled_layers` finds nothing
+# and the LoRA tests fail (they check the default targets and file indices),
+# rather than files being silently misnumbered.
+
+
 def layers_with_weights(backbone):
     """KerasHub's numbering of layers in a LoRA file: the index in this list."""
     return [
@@ -39,21 +58,29 @@ def layers_with_weights(backbone):
     ]
 
 
-def lora_layer_names(backbone):
-    """Names that `enable_lora` accepts: layers that support LoRA."""
-    return sorted(
-        {
-            layer.name
-            for layer in layers_with_weights(backbone)
-            if hasattr(layer, "enable_lora")
-        }
-    )
+def lora_rank(backbone):
+    """The rank of the backbone's LoRA, or `None` without LoRA."""
+    return getattr(backbone, "_lora_rank", None) if enabled_layers(backbone) else None
 
 
 def enabled_layers(backbone):
     """`(index, layer)` of each LoRA layer, in file order."""
     layers = layers_with_weights(backbone)
     return [(i, layers[i]) for i in getattr(backbone, "_lora_enabled_layers", [])]
+
+
+# --- Our checks ---------------------------------------------------------------
+
+
+def supports_lora(layer):
+    return isinstance(layer, keras.layers.Dense)
+
+
+def lora_layer_names(backbone):
+    """Names that `enable_lora` accepts: the model's `Dense` layers."""
+    return sorted(
+        {layer.name for layer in layers_with_weights(backbone) if supports_lora(layer)}
+    )
 
 
 def check_rank(rank):
@@ -88,7 +115,7 @@ def freeze_biases(backbone):
 
 def _metadata(backbone):
     return {
-        "rank": backbone._lora_rank,
+        "rank": lora_rank(backbone),
         "target_layer_names": list(backbone._lora_target_layer_names),
         "layers": {
             str(i): {
@@ -99,6 +126,30 @@ def _metadata(backbone):
             for i, layer in enabled_layers(backbone)
         },
     }
+
+
+@contextlib.contextmanager
+def atomic_file(filepath, suffix):
+    """Yields a temporary path beside `filepath` ending in `suffix`; on
+    success it is flushed to disk and renamed over `filepath`, so a reader
+    sees the old file or the complete new one, never a partial one. On any
+    error (or interrupt) it is removed and `filepath` is left as it was."""
+    directory, base = os.path.split(os.path.abspath(os.fspath(filepath)))
+    partial = os.path.join(directory, f".{base}.{os.getpid()}.partial{suffix}")
+    try:
+        yield partial
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, filepath)
+        # The rename itself reaches the disk with the directory's entry.
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def save_lora_weights(backbone, filepath):
@@ -113,28 +164,18 @@ def save_lora_weights(backbone, filepath):
         raise ValueError(
             f"A LoRA weights file name must end in `{SUFFIX}`; got {filepath}."
         )
-    directory, base = os.path.split(os.path.abspath(filepath))
-    # Written beside the target and renamed over it, so an interrupted save
-    # leaves any earlier file intact.
-    partial = os.path.join(directory, f".{base}.{os.getpid()}.partial")
-    try:
-        store = H5IOStore(partial, mode="w")
-        store.make("lora")["rank"] = backbone._lora_rank
-        for i, layer in enabled_layers(backbone):
-            entry = store.make(f"lora/{i}")
-            entry["lora_kernel_a"] = layer.lora_kernel_a
-            entry["lora_kernel_b"] = layer.lora_kernel_b
-        store.close()
+    with atomic_file(filepath, SUFFIX) as partial:
+        Backbone.save_lora_weights(backbone, partial)
         with h5py.File(partial, "a") as f:
             f.attrs[METADATA_KEY] = json.dumps(_metadata(backbone))
-        os.replace(partial, filepath)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def read_lora_file(filepath):
-    """`(rank, metadata or None, {index: (a, b)})` from a LoRA weights file."""
+    """`(rank, metadata or None, {index: (a_shape, b_shape)})` of a LoRA file.
+
+    Every dataset is read in full, so a damaged file fails here, before the
+    model is touched.
+    """
     filepath = os.fspath(filepath)
     if not os.path.isfile(filepath):
         raise ValueError(f"LoRA weights file {filepath} does not exist.")
@@ -151,21 +192,20 @@ def read_lora_file(filepath):
                 f"{filepath} holds no LoRA weights (no `lora/vars/rank`); is it a "
                 "file written by `save_lora_weights`?"
             )
-        indices = sorted(int(k) for k in f["lora"] if k.isdigit())
-        metadata = f.attrs.get(METADATA_KEY)
-        metadata = json.loads(metadata) if metadata is not None else None
-    store = H5IOStore(filepath, mode="r")
-    try:
-        rank = int(np.asarray(store.get("lora")["rank"]))
-        factors = {}
-        for i in indices:
-            entry = store.get(f"lora/{i}")
-            factors[i] = (entry["lora_kernel_a"], entry["lora_kernel_b"])
-    except (KeyError, ValueError, OSError) as e:
-        raise ValueError(f"{filepath}: incomplete LoRA weights file ({e}).") from e
-    finally:
-        store.close()
-    return rank, metadata, factors
+        try:
+            rank = int(np.asarray(f["lora/vars/rank"][()]))
+            metadata = f.attrs.get(METADATA_KEY)
+            metadata = json.loads(metadata) if metadata is not None else None
+            shapes = {}
+            for key in f["lora"]:
+                if not key.isdigit():
+                    continue
+                entry = f[f"lora/{key}/vars"]
+                a, b = entry["lora_kernel_a"][()], entry["lora_kernel_b"][()]
+                shapes[int(key)] = (tuple(a.shape), tuple(b.shape))
+        except (KeyError, ValueError, OSError, TypeError) as e:
+            raise ValueError(f"{filepath}: incomplete LoRA weights file ({e}).") from e
+    return rank, metadata, shapes
 
 
 def planned_layers(backbone, target_layer_names):
@@ -173,19 +213,19 @@ def planned_layers(backbone, target_layer_names):
     return [
         (i, layer)
         for i, layer in enumerate(layers_with_weights(backbone))
-        if layer.name in target_layer_names and hasattr(layer, "enable_lora")
+        if layer.name in target_layer_names and supports_lora(layer)
     ]
 
 
 def factor_shapes(layer, rank):
-    """Shapes of a layer's `lora_kernel_a` and `lora_kernel_b` at `rank`."""
-    kernel = getattr(layer, "_kernel", None)
-    if kernel is None:
-        kernel = getattr(layer, "_embeddings", None)
-    return (kernel.shape[0], rank), (rank, kernel.shape[-1])
+    """Shapes of a `Dense` layer's `lora_kernel_a` and `lora_kernel_b`.
+
+    The input width comes from the input spec `Dense.build` sets, which
+    holds for quantized (packed) kernels too."""
+    return (layer.input_spec.axes[-1], rank), (rank, layer.units)
 
 
-def check_lora_file_matches(backbone, filepath, rank, metadata, factors):
+def check_lora_file_matches(backbone, filepath, rank, metadata, shapes):
     """Raises `ValueError` naming the first way the file and model differ.
 
     Runs before LoRA is enabled on a model without it, so a failed load
@@ -194,10 +234,10 @@ def check_lora_file_matches(backbone, filepath, rank, metadata, factors):
     where = f"LoRA weights file {filepath}"
     saved_targets = metadata["target_layer_names"] if metadata else None
     if enabled_layers(backbone):
-        if rank != backbone._lora_rank:
+        if rank != lora_rank(backbone):
             raise ValueError(
                 f"{where} has rank {rank}, but this model's LoRA has rank "
-                f"{backbone._lora_rank}. Load it into a model without LoRA, "
+                f"{lora_rank(backbone)}. Load it into a model without LoRA, "
                 f"or one where `enable_lora({rank})` was called."
             )
         targets = list(backbone._lora_target_layer_names)
@@ -215,13 +255,13 @@ def check_lora_file_matches(backbone, filepath, rank, metadata, factors):
                 "does not have: the file comes from a different architecture."
             )
     layers = dict(planned_layers(backbone, targets))
-    if sorted(factors) != sorted(layers):
+    if sorted(shapes) != sorted(layers):
         raise ValueError(
-            f"{where} holds LoRA factors for {len(factors)} layers, but this model "
+            f"{where} holds LoRA factors for {len(shapes)} layers, but this model "
             f"has {len(layers)} layers named {sorted(set(targets))} (or they sit "
             "elsewhere): the file comes from a different architecture."
         )
-    for i, (a, b) in factors.items():
+    for i, (a_shape, b_shape) in shapes.items():
         layer = layers[i]
         saved_path = metadata["layers"][str(i)]["path"] if metadata else None
         if saved_path is not None and saved_path != layer.path:
@@ -231,10 +271,10 @@ def check_lora_file_matches(backbone, filepath, rank, metadata, factors):
                 "architecture."
             )
         expected = factor_shapes(layer, rank)
-        if (tuple(a.shape), tuple(b.shape)) != expected:
+        if (a_shape, b_shape) != expected:
             raise ValueError(
                 f"{where}: the LoRA factors of `{layer.path}` have shapes "
-                f"{tuple(a.shape)} and {tuple(b.shape)}, this model needs "
+                f"{a_shape} and {b_shape}, this model needs "
                 f"{expected[0]} and {expected[1]}: the file comes from a model of "
                 "another size."
             )
@@ -242,14 +282,11 @@ def check_lora_file_matches(backbone, filepath, rank, metadata, factors):
 
 
 def load_lora_weights(backbone, filepath):
-    """Reads and checks the file, then enables LoRA if needed and assigns."""
-    rank, metadata, factors = read_lora_file(filepath)
-    targets = check_lora_file_matches(
-        backbone, os.fspath(filepath), rank, metadata, factors
-    )
+    """Reads and checks the file, enables LoRA if needed, then has KerasHub's
+    `Backbone.load_lora_weights` assign the factors."""
+    filepath = os.fspath(filepath)
+    rank, metadata, shapes = read_lora_file(filepath)
+    targets = check_lora_file_matches(backbone, filepath, rank, metadata, shapes)
     if not enabled_layers(backbone):
         backbone.enable_lora(rank, target_layer_names=targets)
-    layers = dict(enabled_layers(backbone))
-    for i, (a, b) in factors.items():
-        layers[i].lora_kernel_a.assign(a)
-        layers[i].lora_kernel_b.assign(b)
+    Backbone.load_lora_weights(backbone, filepath)

@@ -8,9 +8,27 @@ from keras_hub.layers import ReversibleEmbedding
 
 from keras_recurrentgemma.layers import embedding
 from keras_recurrentgemma.layers.initialization import initializer
+from keras_recurrentgemma.layers.lora_state import LoRAStateMixin
+
+
+# Named like its parent so that weights files and error messages read as
+# before. Only `save_own_variables` / `load_own_variables` change.
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class Dense(LoRAStateMixin, keras.layers.Dense):
+    """`keras.layers.Dense` whose weights files keep the LoRA factors.
+
+    Overrides Keras's `save_own_variables` / `load_own_variables`: a weights
+    file of a LoRA layer (`save_weights`, `ModelCheckpoint`,
+    `BackupAndRestore`) also holds the unmerged kernel and both factors, so
+    loading it into a LoRA model resumes training exactly, where Keras would
+    merge the factors into the kernel and zero them. The merged kernel stays
+    the file's first entry, as Keras writes it. See `lora_state`.
+    """
+
 
 # Keras has integer kernels for exactly these classes and refuses subclasses
-# (their `call` could read the float kernel). KerasHub's `ReversibleEmbedding`
+# (their `call` could read the float kernel); our `Dense` changes only how
+# weights are saved, so it is listed too. KerasHub's `ReversibleEmbedding`
 # is an empty subclass of Keras's, refused only by that type check, so it is
 # listed here and the check is done by `quantizable_layers` instead. So is our
 # `embedding.ReversibleEmbedding`, which changes only the float reverse call
@@ -18,6 +36,7 @@ from keras_recurrentgemma.layers.initialization import initializer
 # gates (`BlockDiagonalLinear`), `a_param`, `Conv1D` and the norms are
 # not in the list: they stay in float.
 QUANTIZABLE_TYPES = (
+    Dense,
     keras.layers.Dense,
     keras.layers.EinsumDense,
     keras.layers.Embedding,
@@ -25,7 +44,7 @@ QUANTIZABLE_TYPES = (
     ReversibleEmbedding,
     embedding.ReversibleEmbedding,
 )
-EMBEDDING_TYPES = QUANTIZABLE_TYPES[2:]
+EMBEDDING_TYPES = QUANTIZABLE_TYPES[3:]
 # Keras quantizes embeddings in these modes only.
 EMBEDDING_MODES = ("int8", "int4")
 # Modes that quantize each layer on its own. GPTQ and AWQ also need
@@ -40,7 +59,7 @@ def fan_in_dense(units, name, dtype, use_bias=True, scale=1.0):
     `scale` shrinks the variance of output projections (`2 / num_layers` in
     Griffin), which matters only when training from scratch.
     """
-    return keras.layers.Dense(
+    return Dense(
         units,
         use_bias=use_bias,
         kernel_initializer=initializer(

@@ -35,7 +35,9 @@ class SegmentPositions(keras.layers.Layer):
     """
 
     def __init__(self, vocabulary_size, **kwargs):
-        kwargs.setdefault("dtype", "int32")
+        # Any dtype policy works: the layer holds no weights, Keras never
+        # casts int inputs, and both outputs are int32. Taking the model's
+        # policy keeps every sublayer on it, as KerasHub's harness checks.
         super().__init__(**kwargs)
         self.vocabulary_size = vocabulary_size
 
