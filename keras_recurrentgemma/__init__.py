@@ -3,11 +3,19 @@
 Names are imported on first use: `import keras_recurrentgemma` does not import
 Keras, so `python -m keras_recurrentgemma --backend torch ...` can still choose
 the backend (Keras reads `KERAS_BACKEND` once, when it is first imported).
+
+Importing the package also quiets TensorFlow's start-up logs, which KerasHub
+would otherwise print on every backend: see `keras_recurrentgemma.utils.quiet`
+(`TF_CPP_MIN_LOG_LEVEL=0` shows them).
 """
 
 import importlib
 
+from keras_recurrentgemma.utils.quiet import quiet_tensorflow
 from keras_recurrentgemma.version import __version__
+
+# Before anything here imports KerasHub, which imports TensorFlow.
+quiet_tensorflow()
 
 _EXPORTS = {
     "RecurrentGemmaBackbone": "keras_recurrentgemma.backbone",
