@@ -22,6 +22,7 @@ loudly where it fails.
 """
 
 import concurrent.futures
+import functools
 import warnings
 
 import keras
@@ -179,13 +180,18 @@ def _run_torch(fn, inputs, dtype, x):
 def _device(x):
     """The device `x` runs on, in words (e.g. `gpu (NVIDIA H200)`)."""
     if keras.config.backend() == "torch":
-        import torch
-
-        device = x.device
-        if device.type == "cuda":
-            return f"{device} ({torch.cuda.get_device_name(device)})"
-        return str(device)
+        return _torch_device_words(str(x.device))
     import jax
 
     device = jax.devices()[0]
     return f"{device.platform} ({device.device_kind})"
+
+
+@functools.cache
+def _torch_device_words(device):
+    # Cached: eager torch decoding asks at every layer of every step.
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return device

@@ -262,3 +262,52 @@ def compiler_params(plan):
 
 def grid(plan, b):
     return (b, plan.padded_width // plan.block_width, plan.num_chunks)
+
+
+# The per-channel and per-token inputs of the fused kernel (`[l]` and `[b, t]`).
+
+
+def to_channels(plan, w):
+    import jax.numpy as jnp
+
+    w = jnp.pad(w, (0, plan.padded_width - plan.width))
+    if plan.platform == "tpu":
+        w = w.reshape(-1, LANES)
+    return w
+
+
+def channels_spec(plan):
+    from jax.experimental import pallas as pl
+
+    if plan.platform == "gpu":
+        return pl.BlockSpec((plan.block_width,), lambda i, j, s: (j,))
+    rows = plan.block_width // LANES
+    return pl.BlockSpec((rows, LANES), lambda i, j, s: (j, 0))
+
+
+def to_positions(plan, segment_pos):
+    """`[b, t]` padded in time with -1 (padding carries the state through)."""
+    import jax.numpy as jnp
+
+    pad_t = plan.padded_length - plan.length
+    segment_pos = jnp.pad(segment_pos, ((0, 0), (0, pad_t)), constant_values=-1)
+    if plan.platform == "tpu":
+        segment_pos = segment_pos.reshape(-1, plan.num_chunks, 1, plan.time_block)
+    return segment_pos
+
+
+def positions_spec(plan, reverse=False):
+    from jax.experimental import pallas as pl
+
+    n = plan.num_chunks
+    if plan.platform == "gpu":
+        return pl.BlockSpec((None, plan.time_block), lambda i, j, s: (i, 0))
+    from jax.experimental.pallas import tpu as pltpu
+
+    def index(i, j, s):
+        return i, n - 1 - s if reverse else s, 0, 0
+
+    # A block's last two dimensions must be whole, hence the unit axis.
+    return pl.BlockSpec(
+        (None, None, 1, plan.time_block), index, memory_space=pltpu.SMEM
+    )

@@ -125,56 +125,6 @@ class _Config(NamedTuple):
     has_h0: bool
 
 
-# Layout of the per-channel and per-token inputs (the sequences and states
-# use `ops.pallas_layout`'s).
-
-
-def _to_channels(plan, w):
-    import jax.numpy as jnp
-
-    w = jnp.pad(w, (0, plan.padded_width - plan.width))
-    if plan.platform == "tpu":
-        w = w.reshape(-1, layout.LANES)
-    return w
-
-
-def _channels_spec(plan):
-    from jax.experimental import pallas as pl
-
-    if plan.platform == "gpu":
-        return pl.BlockSpec((plan.block_width,), lambda i, j, s: (j,))
-    rows = plan.block_width // layout.LANES
-    return pl.BlockSpec((rows, layout.LANES), lambda i, j, s: (j, 0))
-
-
-def _to_positions(plan, segment_pos):
-    """`[b, t]` padded in time with -1 (padding carries the state through)."""
-    import jax.numpy as jnp
-
-    pad_t = plan.padded_length - plan.length
-    segment_pos = jnp.pad(segment_pos, ((0, 0), (0, pad_t)), constant_values=-1)
-    if plan.platform == "tpu":
-        segment_pos = segment_pos.reshape(-1, plan.num_chunks, 1, plan.time_block)
-    return segment_pos
-
-
-def _positions_spec(plan, reverse=False):
-    from jax.experimental import pallas as pl
-
-    n = plan.num_chunks
-    if plan.platform == "gpu":
-        return pl.BlockSpec((None, plan.time_block), lambda i, j, s: (i, 0))
-    from jax.experimental.pallas import tpu as pltpu
-
-    def index(i, j, s):
-        return i, n - 1 - s if reverse else s, 0, 0
-
-    # A block's last two dimensions must be whole, hence the unit axis.
-    return pl.BlockSpec(
-        (None, None, 1, plan.time_block), index, memory_space=pltpu.SMEM
-    )
-
-
 # The gate arithmetic shared by both kernels, on one time step (float32).
 
 
@@ -344,7 +294,7 @@ def _forward_call(config, x, gx, ga, w, pos, h0):
     plan = config.plan
     b = x.shape[0]
     seq, state = layout.sequence_spec(plan), layout.state_spec(plan)
-    in_specs = [seq, seq, seq, _channels_spec(plan), _positions_spec(plan)]
+    in_specs = [seq, seq, seq, layout.channels_spec(plan), layout.positions_spec(plan)]
     args = [x, gx, ga, w, pos]
     if config.has_h0:
         in_specs.append(state)
@@ -375,7 +325,13 @@ def _backward_call(config, x, gx, ga, w, pos, y, dy, dh_last, h0):
     b = x.shape[0]
     seq = layout.sequence_spec(plan, reverse=True)
     state = layout.state_spec(plan)
-    in_specs = [seq, seq, seq, _channels_spec(plan), _positions_spec(plan, True)]
+    in_specs = [
+        seq,
+        seq,
+        seq,
+        layout.channels_spec(plan),
+        layout.positions_spec(plan, True),
+    ]
     in_specs += [seq, seq, state]
     args = [x, gx, ga, w, pos, y, dy, dh_last]
     if config.has_h0:
@@ -417,7 +373,11 @@ def _kernel_inputs(config, x, gx, ga, w, pos, h0):
     h0_k = None
     if config.has_h0:
         h0_k = layout.to_state(plan, h0.astype(jnp.float32))
-    return sequences + [_to_channels(plan, w), _to_positions(plan, pos), h0_k]
+    return sequences + [
+        layout.to_channels(plan, w),
+        layout.to_positions(plan, pos),
+        h0_k,
+    ]
 
 
 @functools.cache

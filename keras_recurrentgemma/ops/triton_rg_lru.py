@@ -24,10 +24,6 @@ import functools
 from keras_recurrentgemma.ops import rg_lru_math
 from keras_recurrentgemma.ops import triton_launch as launch
 
-# Called by the kernels under Triton's interpreter, which runs a kernel's
-# source in this module's globals (see `_kernels`).
-minus_expm1_series = rg_lru_math.minus_expm1_series
-
 
 def rg_lru_triton(x, gate_x, gate_a, a_param, segment_pos, h0=None, *, block_l=None):
     """The RG-LRU from its gate pre-activations, differentiable through autograd.
@@ -236,6 +232,50 @@ def _forward_op():
     return forward_op
 
 
+def _helpers(tl, minus_expm1_series):
+    """The kernels' shared pieces, over `triton.language` and the series.
+
+    Plain functions: `_kernels` decorates them for the compiler, or hands
+    them to the interpreter as they are.
+    """
+
+    def program(w_ptr, h0_ptr, L, HAS_H0: tl.constexpr, BLOCK_L: tl.constexpr):
+        """This program's batch row, channels, their mask, and `w`, `h0` there."""
+        pid_b = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+        mask = cols < L
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        if HAS_H0:
+            h0 = tl.load(h0_ptr + pid_b * L + cols, mask=mask).to(tl.float32)
+        else:
+            h0 = tl.full((BLOCK_L,), 0.0, dtype=tl.float32)
+        return pid_b, cols, mask, w, h0
+
+    def step(
+        x_ptr, gx_ptr, ga_ptr, pos_ptr, offsets, mask, w, SERIES_RANGE: tl.constexpr
+    ):
+        """One time step's `x`, position, and gates (float32): i_t, r_t, a_t,
+        a_t², 1 − a_t² (by the series where `1 − exp` cancels), m_t, ā_t."""
+        pos = tl.load(pos_ptr)
+        x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
+        zx = tl.load(gx_ptr + offsets, mask=mask).to(tl.float32)
+        za = tl.load(ga_ptr + offsets, mask=mask).to(tl.float32)
+        gx = 1.0 / (1.0 + tl.exp(-zx))
+        ga = 1.0 / (1.0 + tl.exp(-za))
+        log_a = ga * w
+        a = tl.exp(log_a)
+        z = 2.0 * log_a
+        a_square = tl.exp(z)
+        one_minus_a_square = tl.where(
+            z > SERIES_RANGE, minus_expm1_series(z), 1.0 - a_square
+        )
+        multiplier = tl.where(pos == 0, 1.0, tl.sqrt(one_minus_a_square))
+        decay = tl.where(pos == 0, 0.0, tl.where(pos < 0, 1.0, a))
+        return x, pos, gx, ga, a, a_square, one_minus_a_square, multiplier, decay
+
+    return program, step
+
+
 @functools.cache
 def _kernels(interpreted):
     """The forward and backward kernels, decorated in the current Triton mode.
@@ -250,15 +290,15 @@ def _kernels(interpreted):
     # `tl.sigmoid` or `tl.zeros`): Triton's library functions are themselves
     # `triton.jit` functions decorated when `triton.language` is imported, so
     # with TRITON_INTERPRET set after that import the interpreter refuses
-    # them. Our one helper, the expm1 series, is pure arithmetic: compiled,
-    # the kernels find it decorated here (the compiler reads closures); the
-    # interpreter runs a kernel's source in the module's globals, where the
-    # plain function stands under the same name.
-    minus_expm1_series = (  # noqa: F811
-        rg_lru_math.minus_expm1_series
-        if interpreted
-        else triton.jit(rg_lru_math.minus_expm1_series)
-    )
+    # them. Our own helpers are decorated here, in the current mode. The
+    # compiler finds them in this function's closure; the interpreter runs a
+    # kernel's source in the module's globals, so there they are put.
+    series = rg_lru_math.minus_expm1_series
+    if interpreted:
+        program, step = _helpers(tl, series)
+        globals().update(program=program, step=step)
+    else:
+        program, step = (triton.jit(f) for f in _helpers(tl, triton.jit(series)))
 
     # Sequence lengths change every call (prefill chunks, decode); not
     # specialising on them avoids a recompilation per length.
@@ -279,32 +319,14 @@ def _kernels(interpreted):
         SERIES_RANGE: tl.constexpr,
         SQRT_FLOOR: tl.constexpr,
     ):
-        pid_b = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask = cols < L
+        pid_b, cols, mask, w, h = program(w_ptr, h0_ptr, L, HAS_H0, BLOCK_L)
         # int64 offsets: b * t * l passes 2**31 at long contexts.
         offsets = pid_b * T * L + cols
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        if HAS_H0:
-            h = tl.load(h0_ptr + pid_b * L + cols, mask=mask).to(tl.float32)
-        else:
-            h = tl.full((BLOCK_L,), 0.0, dtype=tl.float32)
-        for step in range(T):
-            pos = tl.load(pos_ptr + pid_b * T + step)
-            x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
-            zx = tl.load(gx_ptr + offsets, mask=mask).to(tl.float32)
-            za = tl.load(ga_ptr + offsets, mask=mask).to(tl.float32)
-            gx = 1.0 / (1.0 + tl.exp(-zx))
-            log_a = w / (1.0 + tl.exp(-za))
-            a = tl.exp(log_a)
-            # 1 − a² = −expm1(2 log a), by its series where `1 − exp` cancels
-            # (no expm1 in the interpreter); as in `pallas_rg_lru`.
-            z = 2.0 * log_a
-            one_minus_a_square = tl.where(
-                z > SERIES_RANGE, minus_expm1_series(z), 1.0 - tl.exp(z)
-            )
-            multiplier = tl.where(pos == 0, 1.0, tl.sqrt(one_minus_a_square))
-            decay = tl.where(pos == 0, 0.0, tl.where(pos < 0, 1.0, a))
+        for t in range(T):
+            x, pos, gx, _, _, _, _, multiplier, decay = step(
+                x_ptr, gx_ptr, ga_ptr, pos_ptr + pid_b * T + t, offsets, mask, w,
+                SERIES_RANGE,
+            )  # fmt: skip
             h = decay * h + tl.where(pos < 0, 0.0, x * gx * multiplier)
             tl.store(y_ptr + offsets, h, mask=mask)
             offsets += L
@@ -333,38 +355,20 @@ def _kernels(interpreted):
         SERIES_RANGE: tl.constexpr,
         SQRT_FLOOR: tl.constexpr,
     ):
-        pid_b = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask = cols < L
+        pid_b, cols, mask, w, h0 = program(w_ptr, h0_ptr, L, HAS_H0, BLOCK_L)
         offsets = (pid_b * T + T - 1) * L + cols
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        if HAS_H0:
-            h0 = tl.load(h0_ptr + pid_b * L + cols, mask=mask).to(tl.float32)
-        else:
-            h0 = tl.full((BLOCK_L,), 0.0, dtype=tl.float32)
         carry = tl.load(dh_last_ptr + pid_b * L + cols, mask=mask)
         dw = tl.full((BLOCK_L,), 0.0, dtype=tl.float32)
         for k in range(T):
-            step = T - 1 - k
-            pos = tl.load(pos_ptr + pid_b * T + step)
-            x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
-            zx = tl.load(gx_ptr + offsets, mask=mask).to(tl.float32)
-            za = tl.load(ga_ptr + offsets, mask=mask).to(tl.float32)
+            t = T - 1 - k
+            x, pos, gx, ga, a, a_square, one_minus_a_square, multiplier, decay = step(
+                x_ptr, gx_ptr, ga_ptr, pos_ptr + pid_b * T + t, offsets, mask, w,
+                SERIES_RANGE,
+            )  # fmt: skip
             # h_{t-1}: the state stored one step back, or h0 before step 0
             # (which reads its own, valid, address and drops it).
-            h_before = tl.load(y_ptr + offsets - tl.where(step > 0, L, 0), mask=mask)
-            h_before = tl.where(step > 0, h_before, h0)
-            gx = 1.0 / (1.0 + tl.exp(-zx))
-            ga = 1.0 / (1.0 + tl.exp(-za))
-            log_a = ga * w
-            a = tl.exp(log_a)
-            z = 2.0 * log_a
-            a_square = tl.exp(z)
-            one_minus_a_square = tl.where(
-                z > SERIES_RANGE, minus_expm1_series(z), 1.0 - a_square
-            )
-            multiplier = tl.where(pos == 0, 1.0, tl.sqrt(one_minus_a_square))
-            decay = tl.where(pos == 0, 0.0, tl.where(pos < 0, 1.0, a))
+            h_before = tl.load(y_ptr + offsets - tl.where(t > 0, L, 0), mask=mask)
+            h_before = tl.where(t > 0, h_before, h0)
 
             g = tl.load(dy_ptr + offsets, mask=mask) + carry
             # Padding passes `g` on to h_{t-1} (ā = 1) and reaches no input.
