@@ -139,6 +139,29 @@ def test_forced_fast_path_that_cannot_run_says_why(implementation, monkeypatch):
 
 
 @pytest.mark.skipif(
+    keras.config.backend() == "tensorflow", reason="TensorFlow has no kernel"
+)
+def test_the_kernels_are_the_whole_units_not_the_bare_scans(monkeypatch):
+    # The kernels run gates and recurrence together (`ops.rg_lru`); forced on
+    # the bare scan they point there, and "auto" runs the reference instead.
+    from keras_recurrentgemma.ops import scan
+
+    kernel = {"jax": "pallas", "torch": "triton"}[keras.config.backend()]
+    monkeypatch.setenv("KERAS_RECURRENTGEMMA_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a, x, h0 = random_inputs(2, 5, 3)
+    with pytest.raises(ValueError, match=f"rg_lru_scan has no {kernel!r} kernel"):
+        rg_lru_scan(a, x, h0, implementation=kernel)
+    monkeypatch.setattr(scan, "_on_accelerator", lambda x: True)
+    assert resolve_implementation("auto", ops.convert_to_tensor(x)) == kernel
+    y_auto, _ = rg_lru_scan(a, x, h0)
+    y_reference, _ = rg_lru_scan(a, x, h0, implementation="reference")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(y_auto), ops.convert_to_numpy(y_reference)
+    )
+
+
+@pytest.mark.skipif(
     keras.config.backend() != "tensorflow", reason="XLA through tf.function"
 )
 def test_auto_compiles_with_xla_on_tensorflow():
