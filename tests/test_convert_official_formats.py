@@ -45,6 +45,7 @@ from tests.conftest import TINY_CONFIGS
 from tests.test_official_parity import official_config
 from tests.test_official_parity import random_official_params
 from tests.tolerances import PARITY
+from tests.tolerances import REFERENCE_RUNNER
 from tests.tolerances import relative_error
 
 NAME = "griffin"  # Both block types, lru_width != hidden_dim.
@@ -256,7 +257,9 @@ def test_orbax_reference_logits_match_ours(
         "orbax", orbax_download, ids, attention_window_size=WINDOW
     )
     assert reference.dtype == np.float32
-    np.testing.assert_allclose(reference, official_jax_logits, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        reference, official_jax_logits, **REFERENCE_RUNNER["float32"]
+    )
     _assert_parity(_logits(orbax_backbone, ids), reference)
 
 
@@ -292,7 +295,9 @@ def test_torch_reference_logits_match_ours(
         "official_torch", torch_download / PT_FILE, ids, backbone=torch_backbone
     )
     assert reference.dtype == np.float32
-    np.testing.assert_allclose(reference, official_torch_logits, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        reference, official_torch_logits, **REFERENCE_RUNNER["float32"]
+    )
     _assert_parity(_logits(torch_backbone, ids), reference)
 
 

@@ -28,6 +28,7 @@ from tests.conftest import TINY_CONFIGS
 from tests.models import assert_same_weights
 from tests.models import tiny_causal_lm
 from tests.models import write_tiny_hf_checkpoint
+from tests.tolerances import LORA_MERGED
 from tests.vocab import tiny_proto
 
 PROMPT = "The quick brown fox"
@@ -185,7 +186,7 @@ def test_round_trip_after_lora_saves_merged_kernels(tmp_path):
     )
     logits = keras.ops.convert_to_numpy(loaded.score(np.array([[2, 5, 9, 14, 7]])))
     # Merged kernels compute x @ (k + a b) instead of x @ k + (x @ a) @ b.
-    np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, expected_logits, **LORA_MERGED["float32"])
 
 
 def test_dtype_override(saved):

@@ -98,3 +98,53 @@ MULTIPROCESS = {"float32": {"relative": 1e-6}}
 # dropped or doubled chunk, a wrong divisor or a gradient lost through the
 # tied embedding is off by O(1 / number of chunks), i.e. 10% or more here.
 CHUNKED_LOSS = {"float32": {"relative": 1e-5}, "float16": {"relative": 5e-3}}
+
+# --- Moved from inline literals (values unchanged) -------------------------
+
+# `convert.reference.reference_logits` (the released code run on a checkpoint)
+# against the official code's own logits for the same float32 checkpoint
+# (tests/test_convert_official_formats.py): one implementation reached two
+# ways, so only float32 op-order noise differs; an absolute bound, logits
+# being O(10).
+REFERENCE_RUNNER = {"float32": {"rtol": 0, "atol": 1e-6}}
+
+# float16 logits under a soft cap of 30 against the exact float64
+# `tanh(h · e / 30) · 30` (tests/test_numerics.py). float16's spacing is
+# 2^-6 ≈ 0.016 between 16 and 32, so 0.05 is about three ulps; a product that
+# overflowed before the cap gives inf, NaN or ±30 instead.
+SOFT_CAP = {"float16": {"atol": 0.05}}
+
+# A LoRA model's scores after `save_to_preset` merged the factors
+# (tests/test_presets.py): `x @ (k + a b)` against `x @ k + (x @ a) @ b`,
+# float32 sums in another order through the whole model.
+LORA_MERGED = {"float32": {"rtol": 1e-4, "atol": 1e-4}}
+
+# The int8 model with a soft cap of 1 against `tanh` of the uncapped int8
+# logits recovered as `30 atanh(l / 30)` (tests/test_quantize.py): float32
+# round-off of atanh and tanh only; a cap applied twice or not at all is
+# off by O(1).
+QUANTIZED_SOFT_CAP = {"float32": {"rtol": 1e-5, "atol": 1e-6}}
+
+# A float32 sum of 2^20 standard normals read through the `.pt` file's
+# memory map against the float64 sum of the same array
+# (tests/test_streaming_official.py); pytest.approx's default, made explicit.
+# Wrong or missing pages change the sum by far more.
+FLOAT32_SUM = {"relative": 1e-6}
+
+# For the owners of these files to switch to (the literals are still inline
+# there):
+# `score(..., scoring_mode="loss")` against numpy's log-softmax of the
+# forward logits (tests/test_causal_lm.py, test_score_is_log_softmax_...).
+SCORE_LOSS = {"float32": {"rtol": 1e-5, "atol": 1e-5}}
+# The packed `fit` loss against numpy's per-document cross entropy averaged
+# over real tokens (tests/test_fit.py).
+PACKED_LOSS = {"float32": {"rtol": 1e-5}}
+# One training step with block remat against one without (tests/test_fit.py):
+# loss: the same forward pass, float32 round-off; update: `relative_error`
+# of each weight's update, 3.1e-5 measured on TensorFlow, which re-runs and
+# re-fuses the block inside `recompute_grad`; a missing or doubled gradient
+# term is O(1).
+REMAT = {"float32": {"loss_rtol": 1e-6, "update_relative": 1e-4}}
+# The least `relative_error` random LoRA factors must move the logits by for
+# a test to show that the factors matter (tests/test_export_transformers.py).
+LORA_EFFECT = {"float32": {"relative_min": 1e-2}}
