@@ -296,7 +296,8 @@ class _OnnxRuntime:
 
     def run(self, endpoint, arrays):
         names = self.metadata["inputs"][endpoint]
-        return self.sessions[endpoint].run(None, dict(zip(names, arrays, strict=True)))
+        feed = dict(zip(names, arrays, strict=True))
+        return self.sessions[endpoint].run(self.metadata["outputs"], feed)
 
 
 def _import_tensorflow():

@@ -24,7 +24,8 @@ import tempfile
 
 FORMATS = {
     # format: backends that can write it, and the files it makes.
-    "onnx": ("torch", "tensorflow", "jax"),
+    # Not from JAX: see `onnx.py`.
+    "onnx": ("torch", "tensorflow"),
     "tf_saved_model": ("tensorflow", "jax"),
     "litert": ("tensorflow",),
 }
@@ -66,7 +67,7 @@ def export_for_generation(
         causal_lm: `RecurrentGemmaCausalLM` with a preprocessor (for the
             tokenizer), float32 weights.
         path: str. Output directory.
-        format: str. `"onnx"` (from torch, tensorflow or jax),
+        format: str. `"onnx"` (from torch or tensorflow),
             `"tf_saved_model"` (tensorflow, jax) or `"litert"` (tensorflow).
         overwrite: bool. Replace an existing `path`. Defaults to `False`.
         prefill_length: int. Tokens per `prefill` call (`c`). Defaults to 32.

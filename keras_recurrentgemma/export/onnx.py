@@ -1,10 +1,14 @@
 """ONNX files for `prefill` and `decode_step`, from each backend.
 
-torch traces the endpoints with `torch.onnx.export`; TensorFlow converts
-them from a `tf.function` with `tf2onnx`; JAX converts them with `jax2onnx`
-(jax2tf's native serialization leaves an `XlaCallModule` op that `tf2onnx`
-cannot read). The batch axis is dynamic; the prefill chunk length is fixed
-(the runtime feeds a prompt chunk by chunk).
+torch traces the endpoints with `torch.onnx.export` (the TorchScript
+exporter: the dynamo one specialises the batch axis and takes minutes);
+TensorFlow converts them from a `tf.function` with `tf2onnx`. The batch axis
+is dynamic; the prefill chunk length is fixed (the runtime feeds a prompt
+chunk by chunk).
+
+Not from JAX: jax2tf's native serialization leaves an `XlaCallModule` op
+that `tf2onnx` cannot read, and `jax2onnx` (0.17) cannot lower the jitted
+reference scan nor `rem` on a symbolic batch.
 """
 
 import warnings
@@ -44,7 +48,7 @@ def export_onnx(backbone, directory, layout, chunk, progress):
     """Writes `prefill.onnx` and `decode_step.onnx` into `directory`."""
     backend = keras.config.backend()
     prefill, decode_step = make_endpoints(backbone)
-    writers = {"torch": _torch, "tensorflow": _tensorflow, "jax": _jax}
+    writers = {"torch": _torch, "tensorflow": _tensorflow}
     for name, fn, specs in (
         ("prefill", prefill, input_specs(layout, chunk)),
         ("decode_step", decode_step, input_specs(layout, 1, with_mask=False)),
@@ -138,15 +142,59 @@ def _tensorflow(backbone, fn, specs, outputs, path):
 
     signature = [tf.TensorSpec(shape, dtype, name=name) for name, shape, dtype in specs]
 
+    # A tuple, not a dict: TensorFlow would order a dict's outputs by key.
     @tf.function(input_signature=signature, autograph=False)
     def endpoint(*args):
-        return {
-            name: tf.identity(t) for name, t in zip(outputs, fn(*args), strict=True)
-        }
+        return tuple(tf.identity(t) for t in fn(*args))
 
     _patch_tf2onnx()
     tf2onnx.convert.from_function(
-        endpoint, input_signature=signature, opset=OPSET, output_path=path
+        endpoint,
+        input_signature=signature,
+        opset=OPSET,
+        output_path=path,
+        custom_op_handlers={"Expm1": (_tf2onnx_expm1, ())},
+    )
+    _rename_outputs(path, outputs)
+
+
+def _rename_outputs(path, names):
+    """Gives the graph's outputs, in order, our names (tf2onnx keeps
+    TensorFlow's `Identity:0`-style ones)."""
+    import onnx
+
+    model = onnx.load(path)
+    for output, name in zip(model.graph.output, names, strict=True):
+        old = output.name
+        for node in model.graph.node:
+            node.output[:] = [name if o == old else o for o in node.output]
+            node.input[:] = [name if i == old else i for i in node.input]
+        output.name = name
+    onnx.save(model, path)
+
+
+def _tf2onnx_expm1(ctx, node, name, args):
+    """tf2onnx has no rule for TensorFlow's Expm1; Kahan's form, as `_expm1`."""
+    x = node.input[0]
+    output = node.output[0]
+    shape, dtype = ctx.get_shape(output), ctx.get_dtype(output)
+    ctx.remove_node(node.name)
+    one = ctx.make_const(f"{name}_one", np.array(1.0, "float32")).output[0]
+    zero = ctx.make_const(f"{name}_zero", np.array(0.0, "float32")).output[0]
+    minus_one = ctx.make_const(f"{name}_minus_one", np.array(-1.0, "float32")).output[0]
+
+    def op(kind, *inputs):
+        return ctx.make_node(kind, list(inputs)).output[0]
+
+    u = op("Exp", x)
+    ratio = op("Div", op("Mul", op("Sub", u, one), x), op("Log", u))
+    ratio = op("Where", op("Equal", u, zero), minus_one, ratio)
+    ctx.make_node(
+        "Where",
+        [op("Equal", u, one), x, ratio],
+        outputs=[output],
+        shapes=[shape],
+        dtypes=[dtype],
     )
 
 
@@ -156,10 +204,3 @@ def _patch_tf2onnx():
     from keras.src.export.tf2onnx_lib import patch_tf2onnx
 
     patch_tf2onnx()
-
-
-def _jax(backbone, fn, specs, outputs, path):
-    raise ValueError(
-        "ONNX export from the jax backend is not available yet; export from "
-        "torch or tensorflow."
-    )
