@@ -11,9 +11,6 @@ import sys
 
 PROG = "python -m keras_recurrentgemma"
 BACKENDS = ("jax", "tensorflow", "torch")
-SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam", "contrastive")
-# These settle on tokens only at the end, so their text comes all at once.
-AT_ONCE_SAMPLERS = ("beam", "contrastive")
 DEFAULT_MAX_LENGTH = 128
 DEFAULT_CHAT_MAX_LENGTH = 512
 
@@ -61,7 +58,8 @@ def main(argv=None):
 
 
 def build_parser():
-    """The `argparse` parser of both commands."""
+    """The `argparse` parser of both commands (after `--backend` is applied:
+    the sampler names come from `keras_recurrentgemma.generation`)."""
     from keras_recurrentgemma.presets import DEFAULT_PRESET
 
     parser = argparse.ArgumentParser(
@@ -142,6 +140,8 @@ def _common_options(default_preset, suppress):
 
     def default(value):
         return argparse.SUPPRESS if suppress else value
+
+    from keras_recurrentgemma.generation import SAMPLERS
 
     common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument(
@@ -241,11 +241,11 @@ def _generate_command(args):
         # `echo` ends its text with a newline that is not part of it.
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt
     causal_lm = _load(args.preset)
-    stream = _start(causal_lm, prompt, args.max_length, args, "auto")
+    reply = _start(causal_lm, prompt, args.max_length, args, "auto")
     if not args.strip_prompt:
         _write(prompt)
-    _print_stream(stream, args)
-    if stream.finish_reason == "length" and not stream.token_ids:
+    _print_reply(reply)
+    if reply.prompt_length >= args.max_length:
         print(
             f"note: the prompt fills --max-length {args.max_length}; nothing "
             "was generated.",
@@ -269,8 +269,10 @@ def _chat_command(args):
             f"the vocabulary of preset {args.preset!r} has no <end_of_turn> "
             "token, so it cannot mark the end of a turn."
         )
+    from keras_recurrentgemma.generation import chat_stop_token_ids
+
     # As `RecurrentGemmaCausalLM.chat`: a reply ends at either.
-    stops = (tokenizer.end_token_id, tokenizer.end_of_turn_id)
+    stops = chat_stop_token_ids(tokenizer)
     history = []
     if args.message is not None:
         _chat_turn(causal_lm, history, args.message, stops, args)
@@ -324,15 +326,15 @@ def _chat_turn(causal_lm, history, message, stops, args):
             file=sys.stderr,
         )
     prompt = format_chat(system + turns)
-    stream = _start(causal_lm, prompt, args.max_length, args, stops)
-    _print_stream(stream, args)
-    if stream.finish_reason == "length":
+    reply = _start(causal_lm, prompt, args.max_length, args, stops)
+    _print_reply(reply)
+    if reply.finish_reason == "length":
         print(
             f"note: the reply was cut off at --max-length {args.max_length}.",
             file=sys.stderr,
         )
     history.append(turns[-1])
-    history.append({"role": "model", "content": stream.text})
+    history.append({"role": "model", "content": reply.text})
 
 
 def _fit_conversation(causal_lm, system, turns, max_length):
@@ -382,84 +384,76 @@ def _load(preset):
 
 
 def _sampler(args):
-    from keras_hub.samplers import get
+    """The sampler of `--sampler` and its options, for this command's calls."""
+    from keras_recurrentgemma.generation import get_sampler
 
+    k = {"beam": "num_beams"}.get(args.sampler, "k")
     config = {"temperature": args.temperature}
-    if args.sampler in ("top_k", "top_p", "contrastive"):
-        config["k"] = args.k
-    if args.sampler == "beam":
-        config["num_beams"] = args.k
+    if args.sampler in ("top_k", "top_p", "contrastive", "beam"):
+        config[k] = args.k
     if args.sampler == "top_p":
         config["p"] = args.p
-    if args.sampler in ("top_k", "top_p", "random"):
-        config["seed"] = args.seed
-    config = {key: value for key, value in config.items() if value is not None}
-    return get({"class_name": args.sampler, "config": config})
+    return get_sampler(args.sampler, seed=args.seed, **config)
 
 
 def _start(causal_lm, prompt, max_length, args, stop_token_ids):
-    """A `TextStream` of the reply, generated now or as it is read."""
-    from keras_recurrentgemma.streaming import PromptTooLongError
-    from keras_recurrentgemma.streaming import TextStream
+    """The reply, through the public calls: a `TextStream` from
+    `stream_generate`, or `_Generated` text from `generate` with this
+    command's sampler for the one call (beam and contrastive search cannot
+    stream; `--no-stream`)."""
+    from keras_recurrentgemma.generation import STREAMING_SAMPLERS
+    from keras_recurrentgemma.streaming import prompt_token_ids
     from keras_recurrentgemma.streaming import stream_generate
+    from keras_recurrentgemma.tokenizer import END_OF_TURN
 
+    prompt_length = len(prompt_token_ids(causal_lm, prompt))
+    if prompt_length > max_length:
+        raise CLIError(
+            f"the prompt is {prompt_length} tokens long (with <bos>), more "
+            f"than --max-length {max_length} (prompt plus new tokens). Raise "
+            "--max-length or shorten the prompt."
+        )
     sampler = _sampler(args)
-    try:
-        if args.no_stream or args.sampler in AT_ONCE_SAMPLERS:
-            return _generate_at_once(
-                causal_lm, prompt, max_length, sampler, stop_token_ids, TextStream
-            )
+    if not args.no_stream and args.sampler in STREAMING_SAMPLERS:
         return stream_generate(
             causal_lm, prompt, max_length, sampler, stop_token_ids=stop_token_ids
         )
-    except PromptTooLongError as error:
-        raise CLIError(
-            f"the prompt is {error.num_tokens} tokens long (with <bos>), more "
-            f"than --max-length {max_length} (prompt plus new tokens). Raise "
-            "--max-length or shorten the prompt."
-        ) from error
-
-
-def _generate_at_once(causal_lm, prompt, max_length, sampler, stops, text_stream):
-    """Generates with the model's compiled `generate` loop; returns a stream.
-
-    The stream replays the finished tokens, so the text is decoded exactly
-    as when streaming.
-    """
-    import numpy as np
-    from keras import ops
-
-    from keras_recurrentgemma.streaming import PromptTooLongError
-    from keras_recurrentgemma.streaming import prompt_token_ids
-
-    if stops == "auto":
-        stops = causal_lm._auto_stop_token_ids()
-    ids = prompt_token_ids(causal_lm, prompt)
-    if len(ids) > max_length:
-        raise PromptTooLongError(len(ids), max_length)
-    token_ids = np.zeros((1, max_length), "int32")
-    token_ids[0, : len(ids)] = ids
-    padding_mask = np.zeros((1, max_length), "bool")
-    padding_mask[0, : len(ids)] = True
-    causal_lm.compile(sampler=sampler)
-    outputs = causal_lm.make_generate_function()(
-        {"token_ids": token_ids, "padding_mask": padding_mask},
-        stop_token_ids=tuple(stops) or None,
+    text = causal_lm.generate(
+        prompt,
+        max_length=max_length,
+        stop_token_ids=stop_token_ids,
+        strip_prompt=True,
+        sampler=sampler,
     )
-    tokens = np.asarray(ops.convert_to_numpy(outputs["token_ids"]))[0]
-    keep = np.asarray(ops.convert_to_numpy(outputs["padding_mask"]))[0]
-    new = [int(t) for t in tokens[len(ids) :][keep[len(ids) :]]]
-    return text_stream(causal_lm, ids, iter(new), tuple(stops))
+    # Unlike `<eos>`, `<end_of_turn>` is not special: its text is cut off
+    # here, as `chat` does.
+    tokenizer = causal_lm.preprocessor.tokenizer
+    end = text.find(END_OF_TURN)
+    stops = causal_lm.resolve_stop_token_ids(stop_token_ids) or ()
+    if end >= 0 and tokenizer.end_of_turn_id in stops:
+        text = text[:end]
+    return _Generated(causal_lm, text, prompt_length, max_length)
 
 
-def _print_stream(stream, args):
-    if args.no_stream or args.sampler in AT_ONCE_SAMPLERS:
-        stream.read()
-        _write(stream.text)
-    else:
-        for piece in stream:
-            _write(piece)
-    if not stream.text.endswith("\n"):
+class _Generated:
+    """A reply generated at once, read in one piece. `generate` returns
+    text, so `finish_reason` is estimated from the text re-tokenized:
+    `"length"` when prompt and reply fill `max_length`, else `"stop"`."""
+
+    def __init__(self, causal_lm, text, prompt_length, max_length):
+        self.text = text
+        self.prompt_length = prompt_length
+        num_tokens = prompt_length + len(causal_lm.preprocessor.tokenizer(text))
+        self.finish_reason = "length" if num_tokens >= max_length else "stop"
+
+    def __iter__(self):
+        return iter([self.text] if self.text else [])
+
+
+def _print_reply(reply):
+    for piece in reply:
+        _write(piece)
+    if not reply.text.endswith("\n"):
         _write("\n")
 
 

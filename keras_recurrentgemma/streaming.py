@@ -2,11 +2,12 @@
 
 `RecurrentGemmaCausalLM.generate` runs its whole sampling loop in one
 compiled call and returns at the end. `stream_generate` drives the same
-model one token at a time through its public cache API (`prefill`,
-`next_token_logits`, `call_with_cache`) and the same KerasHub sampler
-methods (`compute_probabilities`, `get_next_token`), so it yields the text
-as it comes and, with the greedy sampler, exactly the tokens `generate`
-returns.
+engine (`keras_recurrentgemma.generation`) one token at a time: the prompt
+in `generate`'s prefill chunks, then the same decode step, compiled as
+`generate` compiles it (`causal_lm.generation_functions()`), and the same
+KerasHub sampler methods (`compute_probabilities`, `get_next_token`), so it
+yields the text as it comes and, with the greedy sampler, exactly the
+tokens `generate` returns.
 
 Example:
 ```python
@@ -17,19 +18,13 @@ stream.finish_reason  # "stop" or "length"
 ```
 """
 
-import weakref
-
 import keras
 import numpy as np
-from keras_hub.samplers import BeamSampler
-from keras_hub.samplers import ContrastiveSampler
-from keras_hub.samplers import Sampler
-from keras_hub.samplers import get as get_keras_hub_sampler
 
-# Samplers that pick one token from one distribution per step. Beam search
-# and contrastive search revise or rescore candidates across steps, so no
-# token is final when it is produced.
-STREAMING_SAMPLERS = ("greedy", "random", "top_k", "top_p")
+from keras_recurrentgemma import generation
+from keras_recurrentgemma import generation_compile
+from keras_recurrentgemma.generation import STREAMING_SAMPLERS  # noqa: F401
+
 # Detokenized text ending in these may still change when more bytes come:
 # SentencePiece byte fallback spells a character outside the vocabulary as
 # one token per UTF-8 byte, and an incomplete sequence decodes to U+FFFD.
@@ -57,47 +52,12 @@ class PromptTooLongError(ValueError):
 def get_sampler(sampler="greedy", seed=None, **config):
     """A KerasHub sampler that `stream_generate` can drive.
 
-    Args:
-        sampler: str, one of `STREAMING_SAMPLERS`, or a
-            `keras_hub.samplers.Sampler` instance (returned as is).
-        seed: int or `None`. Seed of the random samplers; ignored by
-            `"greedy"`.
-        **config: further constructor arguments for a named sampler, e.g.
-            `temperature`, `k` (top_k, top_p) or `p` (top_p).
-
-    Returns:
-        A `keras_hub.samplers.Sampler`.
-
-    Raises:
-        ValueError: for beam or contrastive search, an unknown name, or
-            `seed`/`config` given with a sampler instance.
+    `generation.get_sampler` with `streaming=True`: one of
+    `STREAMING_SAMPLERS` by name (with `seed` and constructor `config`,
+    e.g. `temperature`, `k`, `p`), or a `keras_hub.samplers.Sampler`
+    instance other than beam or contrastive search.
     """
-    if isinstance(sampler, (BeamSampler, ContrastiveSampler)) or sampler in (
-        "beam",
-        "contrastive",
-    ):
-        name = sampler if isinstance(sampler, str) else type(sampler).__name__
-        raise ValueError(
-            f"The {name} sampler cannot stream: it settles on tokens only at the "
-            "end. Use `causal_lm.generate` with it, or stream with one of "
-            f"{list(STREAMING_SAMPLERS)}."
-        )
-    if isinstance(sampler, Sampler):
-        if seed is not None or config:
-            raise ValueError(
-                "`seed` and sampler options go to the sampler's constructor when "
-                "passing a sampler instance."
-            )
-        return sampler
-    if sampler not in STREAMING_SAMPLERS:
-        raise ValueError(
-            f"Unknown sampler {sampler!r}; use one of {list(STREAMING_SAMPLERS)} "
-            "or a `keras_hub.samplers.Sampler` instance."
-        )
-    config = {k: v for k, v in config.items() if v is not None}
-    if sampler != "greedy" and seed is not None:
-        config["seed"] = int(seed)
-    return get_keras_hub_sampler({"class_name": sampler, "config": config})
+    return generation.get_sampler(sampler, seed=seed, streaming=True, **config)
 
 
 def prompt_token_ids(causal_lm, prompt):
@@ -163,29 +123,27 @@ def stream_token_ids(
 def _stream_token_ids(causal_lm, token_ids, max_length, sampler, stops):
     if len(token_ids) == max_length:
         return
-    functions = _compiled(causal_lm)
-    # `generate` prefills its `[1, max_length]` buffer in chunks of this
-    # size; using the same chunks gives the same numbers, not just close ones.
-    chunk = min(causal_lm.prefill_chunk_size, max_length)
-    padded = -(-len(token_ids) // chunk) * chunk
-    ids = np.zeros((1, padded), "int32")
-    ids[0, : len(token_ids)] = token_ids
-    mask = np.zeros((1, padded), "int32")
-    mask[0, : len(token_ids)] = 1
-    cache = causal_lm.initial_cache(1)
-    for start in range(0, padded, chunk):
-        cache = functions.prefill(
-            ids[:, start : start + chunk], mask[:, start : start + chunk], cache
-        )
+    functions = causal_lm.generation_functions()
+    decode = generation_compile.bound_step(functions.decode, causal_lm)
+    cache = generation.prefill_prompt(
+        functions.prefill,
+        token_ids,
+        max_length,
+        causal_lm.prefill_chunk_size,
+        causal_lm.initial_cache(1),
+    )
     logits = functions.first_logits(cache)
-    for _ in range(max_length - len(token_ids)):
+    for index in range(len(token_ids) + 1, max_length + 1):
         probabilities = sampler.compute_probabilities(logits)
         next_token = sampler.get_next_token(probabilities)
         token = int(keras.ops.convert_to_numpy(next_token).reshape(-1)[0])
         yield token
-        if token in stops:
+        if token in stops or index == max_length:
             return
-        logits, cache = functions.step(np.array([[token]], "int32"), cache)
+        # `index` as `generate`'s loop has it when it feeds `token`.
+        token = keras.ops.convert_to_tensor([[token]], "int32")
+        index = keras.ops.convert_to_tensor(index, "int32")
+        logits, _, cache = decode(token, token, index, cache)
 
 
 class TextStream:
@@ -332,96 +290,4 @@ def _preprocessor(causal_lm):
 
 
 def _stop_token_ids(causal_lm, stop_token_ids):
-    if isinstance(stop_token_ids, str):
-        if stop_token_ids != "auto":
-            raise ValueError(
-                '`stop_token_ids` must be "auto", None or a sequence of ids; '
-                f"got {stop_token_ids!r}."
-            )
-        return causal_lm._auto_stop_token_ids()
-    if stop_token_ids is None:
-        return ()
-    return tuple(int(i) for i in stop_token_ids)
-
-
-class _Functions:
-    """The three per-token computations, compiled once per model."""
-
-    def __init__(self, prefill, first_logits, step):
-        self.prefill = prefill
-        self.first_logits = first_logits
-        self.step = step
-
-
-# Compiled functions per model, so a chat's later turns reuse the first
-# turn's compilation; dropped with the model.
-_COMPILED = weakref.WeakKeyDictionary()
-
-
-def _compiled(causal_lm):
-    # `compile(jit_compile=...)` or `run_eagerly` may change between calls.
-    key = (causal_lm.run_eagerly, getattr(causal_lm, "_generate_jit_compile", True))
-    entry = _COMPILED.get(causal_lm)
-    if entry is None or entry[0] != key:
-        entry = (key, _compile(causal_lm))
-        _COMPILED[causal_lm] = entry
-    return entry[1]
-
-
-def _compile(causal_lm):
-    # `_COMPILED` keeps these only while the model lives, so they must not
-    # keep it alive themselves.
-    model = weakref.ref(causal_lm)
-
-    def prefill(token_ids, padding_mask, cache):
-        return model().prefill(token_ids, padding_mask=padding_mask, cache=cache)
-
-    def first_logits(cache):
-        return model().next_token_logits(cache)
-
-    def step(token_ids, cache):
-        logits, _, cache = model().call_with_cache(token_ids, cache)
-        return logits[:, 0], cache
-
-    functions = (prefill, first_logits, step)
-    backend = keras.config.backend()
-    if backend == "jax":
-        return _Functions(*(_jax_jit(causal_lm, fn) for fn in functions))
-    if backend == "tensorflow" and not causal_lm.run_eagerly:
-        import tensorflow as tf
-
-        # As `generate` does: XLA unless `compile(jit_compile=False)`.
-        jit = getattr(causal_lm, "_generate_jit_compile", True)
-        return _Functions(*(tf.function(fn, jit_compile=jit) for fn in functions))
-    if backend == "torch":
-        import torch
-
-        # As `generate` does; per call, since a `with` around the generator
-        # would also cover the caller's code between tokens.
-        return _Functions(*(torch.no_grad()(fn) for fn in functions))
-    return _Functions(*functions)
-
-
-def _jax_jit(causal_lm, fn):
-    """`fn` jitted with the model's weights as arguments, not constants.
-
-    As KerasHub's `generate` does on JAX: inside a `StatelessScope` the
-    variables read the traced values, so one compilation serves any
-    weights and none are baked into the program.
-    """
-    import jax
-
-    variables = list(causal_lm.trainable_variables) + list(
-        causal_lm.non_trainable_variables
-    )
-
-    @jax.jit
-    def stateless(values, *args):
-        mapping = list(zip(variables, values, strict=True))
-        with keras.StatelessScope(state_mapping=mapping):
-            return fn(*args)
-
-    def call(*args):
-        return stateless([v.value for v in variables], *args)
-
-    return call
+    return tuple(causal_lm.resolve_stop_token_ids(stop_token_ids) or ())
