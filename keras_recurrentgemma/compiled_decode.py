@@ -1,5 +1,9 @@
 """A compiled per-token decode step for the torch backend.
 
+`generation_compile.compile_for_backend(step, model, torch_mode=...)` wraps
+a step (`generation.decode_step`, for `generate` and for streaming) in the
+`TorchDecodeStep` here; nothing else builds one.
+
 Eager Keras on torch spends most of a decode step in Python: every layer's
 `__call__` (name scopes, autocast, tracking) and every `keras.ops` call
 (dtype and tensor conversion) for a one-token input, about 20 ms per step

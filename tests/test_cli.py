@@ -302,15 +302,19 @@ def test_generate_options(presets, run_cli, base_lm, capsys):
     stdin = prompt + "\n"
     assert run_cli("generate", *args, "--no-stream", "--strip-prompt", stdin=stdin) == 0
     assert capsys.readouterr().out == _line(greedy)
-    # Beam and contrastive search cannot stream: they run as `generate`, with
-    # the sampler the CLI compiled, and print at the end.
+    # Beam and contrastive search cannot stream: they run as `generate` with
+    # that sampler for the one call, leaving the model's own sampler as it
+    # was, and print at the end.
+    own = base_lm.sampler
     for sampler, sampler_class in [
         ("beam", BeamSampler),
         ("contrastive", ContrastiveSampler),
     ]:
         assert run_cli("generate", prompt, *args, "--sampler", sampler) == 0
-        assert isinstance(base_lm.sampler, sampler_class)
+        assert base_lm.sampler is own
+        base_lm.compile(sampler=sampler_class())
         expected = base_lm.generate(prompt, MAX_LENGTH, strip_prompt=True)
+        base_lm.compile(sampler=own)
         assert capsys.readouterr().out == _line(prompt + expected)
     base_lm.compile(sampler="greedy")
     # A seeded sampler repeats itself.
