@@ -21,7 +21,8 @@ from tests.tolerances import SELF_CONSISTENCY
 if keras.config.backend() != "torch":
     pytest.skip("the Triton scan is a torch kernel", allow_module_level=True)
 if "tensorflow" in sys.modules and "triton" not in sys.modules:
-    # Importing triton now would abort the whole run (see `_import_triton`).
+    # Importing triton now would abort the whole run
+    # (see `triton_launch.import_triton`).
     pytest.skip(
         "tensorflow was imported before triton; conftest must import triton first",
         allow_module_level=True,

@@ -179,7 +179,8 @@ def _gates(x, gate_x, gate_a, w, pos):
 
 
 def _position(pos_ref, i):
-    # A GPU block is `[t]`; a TPU one `[1, time_block]` (see `_positions_spec`).
+    # A GPU block is `[t]`; a TPU one `[1, time_block]`
+    # (see `pallas_layout.positions_spec`).
     return pos_ref[i] if len(pos_ref.shape) == 1 else pos_ref[0, i]
 
 
