@@ -18,6 +18,8 @@ previous preset as it was and files that are not part of a preset (a README,
 a LoRA file) are kept.
 """
 
+import contextlib
+
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.saving import atomic_preset_dir
 
@@ -30,8 +32,15 @@ class _PresetBase:
     # `load_tokenizer`, wrapped in `staticmethod`; set by each class.
     _load_preset = None
 
+    def _preset_save_scope(self):
+        """The context the preset's files are written in; none by default.
+
+        The backbone merges LoRA here, since a preset is for inference.
+        """
+        return contextlib.nullcontext()
+
     def _save_atomically(self, preset_dir, **kwargs):
-        with atomic_preset_dir(preset_dir) as staging:
+        with atomic_preset_dir(preset_dir) as staging, self._preset_save_scope():
             # The KerasHub base class after the mixin writes the files.
             super().save_to_preset(staging, **kwargs)
 
