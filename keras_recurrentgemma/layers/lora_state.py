@@ -23,7 +23,10 @@ moves again. `LoRAStateMixin` overrides both methods in our layers:
 
 Whole-model saves are inference artefacts: inside `merged_weights_only()`
 (which `RecurrentGemmaBackbone.save_to_preset` uses) only Keras's merged
-entries are written.
+entries are written. A `.keras` file is written through the same calls as
+`save_weights` with nothing to tell them apart, so it also carries the extra
+entries; it reloads into a model without LoRA (the config has none), which
+takes the merged kernel, as Keras does.
 """
 
 import contextlib
