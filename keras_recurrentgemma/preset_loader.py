@@ -102,11 +102,13 @@ def detect_format(directory):
 # Backbone arguments that change how the model runs, not what it computes,
 # so a task's `from_preset` accepts them too (KerasHub forwards only `dtype`).
 RUNTIME_BACKBONE_ARGS = ("remat", "scan_implementation")
+# Not a backbone argument: the loaders take it to quantize while loading.
+LOAD_ARGS = ("quantize",)
 
 
 def _split_backbone_kwargs(loader_cls, loader, kwargs):
     backbone_kwargs, kwargs = super(loader_cls, loader).get_backbone_kwargs(**kwargs)
-    for name in RUNTIME_BACKBONE_ARGS:
+    for name in RUNTIME_BACKBONE_ARGS + LOAD_ARGS:
         if name in kwargs:
             backbone_kwargs[name] = kwargs.pop(name)
     return backbone_kwargs, kwargs
@@ -185,10 +187,49 @@ class KerasFormatLoader(preset_utils.KerasPresetLoader):
     def load_backbone(self, cls, load_weights, **kwargs):
         path = os.path.join(self.preset, preset_utils.CONFIG_FILE)
         check_serialized_backbone(self.config, path)
-        with self._reading_file(preset_utils.CONFIG_FILE), _initialization(
-            load_weights
-        ):
-            return super().load_backbone(cls, load_weights, **kwargs)
+        quantize = kwargs.pop("quantize", None)
+        plan = None
+        if quantize is not None:
+            plan = self._quantized_plan(cls, quantize, kwargs, path)
+            kwargs["dtype"] = plan.dtype()
+        elif kwargs.get("dtype") is None:
+            # KerasHub always overrides the saved `dtype` with the caller's,
+            # `None` included, which builds a quantized preset in float.
+            saved = keras.dtype_policies.get(self.config["config"].get("dtype"))
+            if isinstance(saved, keras.dtype_policies.DTypePolicyMap):
+                kwargs["dtype"] = saved
+        self._quantize_on_load = plan is not None
+        try:
+            with (
+                self._reading_file(preset_utils.CONFIG_FILE),
+                _initialization(load_weights),
+            ):
+                backbone = super().load_backbone(cls, load_weights, **kwargs)
+        finally:
+            self._quantize_on_load = False
+        if plan is not None:
+            return plan.finish(backbone)
+        if isinstance(backbone.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+            from keras_recurrentgemma.convert import quantize_on_load
+
+            # A quantized preset: saving it again needs per-layer policies.
+            quantize_on_load.resolve_policies(backbone)
+        return backbone
+
+    def _quantized_plan(self, cls, quantize, kwargs, path):
+        from keras_recurrentgemma.convert import quantize_on_load
+
+        arguments = self.config["config"]
+        dtype = kwargs.get("dtype") or arguments.get("dtype")
+        policy = keras.dtype_policies.get(dtype)
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            raise ValueError(
+                f"{path}: this preset is already quantized; load it without "
+                f"`quantize={quantize!r}`."
+            )
+        return quantize_on_load.QuantizedPlan(
+            cls, {**arguments, **kwargs}, policy, quantize
+        )
 
     def load_task(self, cls, load_weights, load_task_weights, **kwargs):
         # Without a task.json KerasHub builds the task from config.json and
@@ -247,7 +288,13 @@ class KerasFormatLoader(preset_utils.KerasPresetLoader):
                 "random weights."
             )
         try:
-            super()._load_backbone_weights(backbone)
+            if getattr(self, "_quantize_on_load", False):
+                from keras_recurrentgemma.convert import quantize_on_load
+
+                with quantize_on_load.loading_float_weights(backbone):
+                    super()._load_backbone_weights(backbone)
+            else:
+                super()._load_backbone_weights(backbone)
         except FileNotFoundError:
             raise  # a missing shard: KerasHub's message names it
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -299,8 +346,8 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
             except ValueError as e:
                 config_path = os.path.join(self.directory, huggingface.CONFIG_FILE)
                 raise ValueError(f"{config_path}: {e}") from e
-            kwargs.setdefault("dtype", "float32")
-            return cls(**{**config, **kwargs})
+            dtype = kwargs.pop("dtype", None) or "float32"
+            return _build_unloaded(cls, {**config, **kwargs}, dtype)
         if self.source_format == OFFICIAL_TORCH:
             path = official_torch.find_torch_checkpoint(self.directory)
             if load_weights:
@@ -316,7 +363,9 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
         # shapes, which come from the metadata (Orbax) or the map (.pt)
         # without reading any tensor's data.
         dtype = kwargs.pop("dtype", None)
-        return cls(**official.config_from_official(params, **kwargs), dtype=dtype)
+        quantize = kwargs.pop("quantize", None)
+        config = official.config_from_official(params, **kwargs)
+        return _build_unloaded(cls, {**config, "quantize": quantize}, dtype)
 
     def tokenizer_file(self):
         path = os.path.join(self.directory, TOKENIZER_FILE)
@@ -345,6 +394,18 @@ class ConvertedPresetLoader(preset_utils.PresetLoader):
                     "different models."
                 )
         return task
+
+
+def _build_unloaded(cls, config, dtype):
+    """`from_preset(load_weights=False)`: random weights, quantized if asked."""
+    from keras_recurrentgemma.convert import quantize_on_load
+
+    config = dict(config)
+    quantize = config.pop("quantize", None)
+    if quantize is None:
+        return cls(**config, dtype=dtype)
+    plan = quantize_on_load.QuantizedPlan(cls, config, dtype, quantize)
+    return plan.finish(cls(**config, dtype=plan.dtype()))
 
 
 def _resolve_named(name):

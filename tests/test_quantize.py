@@ -138,7 +138,7 @@ def test_projections_and_embedding_become_int8(pair, quantize_warnings):
     dense = [
         layer.path
         for layer in reference._flatten_layers()
-        if type(layer) is keras.layers.Dense
+        if isinstance(layer, keras.layers.Dense)
     ]
     assert quantized_paths(quantized) == sorted(dense + ["token_embedding"])
     weights = {v.path: v for v in quantized.weights}
@@ -283,7 +283,7 @@ def test_backbone_quantize_also_takes_the_embedding():
     dense = [
         layer.path
         for layer in backbone._flatten_layers()
-        if type(layer) is keras.layers.Dense
+        if isinstance(layer, keras.layers.Dense)
     ]
     quantize(backbone, "int8")
     assert quantized_paths(backbone) == sorted(dense + ["token_embedding"])

@@ -211,11 +211,11 @@ def hf_state_dict(backbone, torch_dtype):
     """Hugging Face tensors for `backbone`, through the converter's map."""
     import torch
 
-    from keras_recurrentgemma.convert.huggingface import _weight_map
+    from keras_recurrentgemma.convert.huggingface import weight_map
 
     values = {v.path: np.asarray(_numpy(v), np.float32) for v in backbone.weights}
     state = {}
-    for path, key, transform in _weight_map(backbone):
+    for path, key, transform in weight_map(backbone):
         array = values[path]
         if transform == "linear":
             array = array.T

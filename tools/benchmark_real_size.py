@@ -10,6 +10,9 @@ measurement in a fresh process and prints one JSON report:
 - peak host memory during greedy `generate` (the peak is reset after
   loading) and decode seconds per token, from the difference between
   generating `--new-tokens` and 1 token after a prompt of `--prompt` tokens;
+- `--quantize int8|int4`: our loads quantize tensor by tensor as they
+  read, against the bound for that (1.3 x the quantized weights + 1.5 GiB +
+  the largest float tensor);
 - `--parity` (2B): float32 logits of ours (JAX) against HF's on the same
   checkpoint over `--parity-tokens` tokens inside the window (relative
   error, the largest |difference| over the largest |logit|), and the first
@@ -22,6 +25,7 @@ weights + 1.5 GiB and 4x HF's time; generating within 1.3 x the weights +
     python tools/benchmark_real_size.py --config 2b --parity
     python tools/benchmark_real_size.py --config 9b --backends jax torch \
         --skip-generate jax
+    python tools/benchmark_real_size.py --config 9b --backends torch --quantize int8
 """
 
 import argparse
@@ -181,12 +185,15 @@ def child_ours(args):
 
     dtype = "float32" if args.float32 else "bfloat16"
     start = time.perf_counter()
-    backbone = RecurrentGemmaBackbone.from_preset(args.dir, dtype=dtype)
+    kwargs = {"quantize": args.quantize} if args.quantize else {}
+    backbone = RecurrentGemmaBackbone.from_preset(args.dir, dtype=dtype, **kwargs)
     report = {
         "backend": keras.config.backend(),
         "load_s": time.perf_counter() - start,
         "load_peak_gib": peak_gib(),
     }
+    if args.quantize:
+        report.update(quantized_bound(backbone, args.quantize))
     lm = RecurrentGemmaCausalLM(backbone, preprocessor=None)
     if os.environ.get("BENCHMARK_NO_XLA"):
         lm.compile(jit_compile=False)
@@ -206,6 +213,37 @@ def child_ours(args):
         ids = prompt_ids(args.prompt)
         report.update(measure_generate(lambda n: greedy_ours(lm, ids, n), args))
     return report
+
+
+def quantized_bound(backbone, mode):
+    """The quantized weights' size and issue 18's bound for loading them:
+    1.3 x the quantized weights + 1.5 GiB + the largest float tensor."""
+    import keras
+
+    from keras_recurrentgemma.convert.quantize_on_load import quantized_targets
+
+    weights = (
+        sum(
+            np.prod(v.shape)
+            * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+            for v in backbone.weights
+        )
+        / GIB
+    )
+    largest = (
+        max(
+            np.prod(t.float_shape) * np.dtype(t.float_dtype).itemsize
+            for t in quantized_targets(backbone).values()
+        )
+        / GIB
+    )
+    return {
+        "quantize": mode,
+        "weights_gib": float(weights),
+        "largest_float_tensor_gib": float(largest),
+        "load_bound_gib": float(1.3 * weights + 1.5 + largest),
+        "generate_bound_gib": float(1.3 * weights + 2.5),
+    }
 
 
 def child_convert(args):
@@ -241,6 +279,8 @@ def run_child(kind, args, backend=None, extra=()):
     command = [sys.executable, __file__, "--child", kind, "--dir", args.dir]
     command += ["--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]
     command += ["--parity-tokens", str(args.parity_tokens), *extra]
+    if args.quantize and kind == "ours" and "--float32" not in extra:
+        command += ["--quantize", args.quantize]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -265,6 +305,11 @@ def main():
         nargs="*",
         default=[],
         help="backends that also load the Keras preset (model.weights.h5) of it",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="our loads quantize while loading (`from_preset(..., quantize=)`)",
     )
     parser.add_argument(
         "--child", choices=["hf", "ours", "convert"], help=argparse.SUPPRESS

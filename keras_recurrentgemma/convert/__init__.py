@@ -9,6 +9,8 @@
   `read_torch_state_dict`, `params_from_torch_state_dict`).
 - `backbone_from_huggingface(path)`: a `transformers` checkpoint directory
   (also reached through `RecurrentGemmaBackbone.from_preset(path)`).
+- `export_to_transformers(obj, path)`: the other way, a causal LM, backbone,
+  tokenizer or preprocessor to a `transformers` directory.
 - `reference_logits(source_format, path, token_ids)`: the logits the
   checkpoint's own implementation computes, to check a conversion.
 """
@@ -25,3 +27,4 @@ from keras_recurrentgemma.convert.orbax import find_orbax_checkpoint
 from keras_recurrentgemma.convert.orbax import is_orbax_checkpoint
 from keras_recurrentgemma.convert.orbax import read_orbax_params
 from keras_recurrentgemma.convert.reference import reference_logits
+from keras_recurrentgemma.convert.to_transformers import export_to_transformers

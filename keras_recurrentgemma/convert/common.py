@@ -18,6 +18,9 @@ import ml_dtypes
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from keras_recurrentgemma.convert.quantize_on_load import quantize_tensor
+from keras_recurrentgemma.convert.quantize_on_load import quantized_targets
+
 # Set by `show_progress()`: converters then report each tensor they load.
 _SHOW_PROGRESS = contextvars.ContextVar("show_progress", default=False)
 
@@ -34,6 +37,11 @@ def show_progress():
         yield
     finally:
         _SHOW_PROGRESS.reset(token)
+
+
+def progress_enabled():
+    """Whether a caller asked for progress bars (`show_progress()`)."""
+    return _SHOW_PROGRESS.get()
 
 
 class LazyTensor:
@@ -191,7 +199,12 @@ def assign_backbone_weights(backbone, tensors, source):
     Raises:
         ValueError: naming the missing, unexpected or mis-shaped tensor.
     """
-    variables = {v.path: v for v in backbone.weights}
+    # A backbone built by `quantize_on_load.QuantizedPlan` gets each
+    # quantized layer's integer values and scales from its float tensor.
+    targets = quantized_targets(backbone)
+    all_variables = {v.path: v for v in backbone.weights}
+    made = {p for t in targets.values() for p in _variable_paths(t)} - set(targets)
+    variables = {p: v for p, v in all_variables.items() if p not in made}
     missing = sorted(set(variables) - set(tensors))
     if missing:
         raise ValueError(
@@ -205,14 +218,18 @@ def assign_backbone_weights(backbone, tensors, source):
             "no variable of this model."
         )
     for path, (key, array) in tensors.items():
-        want = tuple(variables[path].shape)
+        want = (
+            targets[path].float_shape
+            if path in targets
+            else tuple(variables[path].shape)
+        )
         if tuple(array.shape) != want:
             raise ValueError(
                 f"{source}: tensor `{key}` has shape {tuple(array.shape)}, but "
                 f"model variable `{path}` needs {want}."
             )
     paths = list(tensors)
-    if _SHOW_PROGRESS.get():
+    if progress_enabled():
         from tqdm.auto import tqdm
 
         paths = tqdm(paths, desc="Loading weights", unit="tensor")
@@ -221,6 +238,15 @@ def assign_backbone_weights(backbone, tensors, source):
         variable = variables[path]
         if isinstance(array, LazyTensor):
             array = array.read()
+        if path in targets:
+            target = targets[path]
+            values = quantize_tensor(target, host_copy(array, target.float_dtype))
+            del array
+            for name, value in values.items():
+                _release(all_variables[name])
+                all_variables[name].assign(backend_tensor(value))
+            del values
+            continue
         _release(variable)
         tensor = backend_tensor(host_copy(array, variable.dtype))
         # The host array goes before `assign` makes the variable's copy (on
@@ -228,6 +254,10 @@ def assign_backbone_weights(backbone, tensors, source):
         del array
         variable.assign(tensor)
         del tensor
+
+
+def _variable_paths(target):
+    return [f"{target.layer.path}/{name}" for name in target.variables]
 
 
 def _release(variable):

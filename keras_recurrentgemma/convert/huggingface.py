@@ -17,7 +17,8 @@ from keras_recurrentgemma.convert.common import LazyTensor
 from keras_recurrentgemma.convert.common import TensorSource
 from keras_recurrentgemma.convert.common import assign_backbone_weights
 from keras_recurrentgemma.convert.common import read_json_object
-from keras_recurrentgemma.layers.initialization import skip_random_initialization
+from keras_recurrentgemma.convert.quantize_on_load import build_for_load
+from keras_recurrentgemma.convert.quantize_on_load import check_quantize_mode
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -335,9 +336,7 @@ def open_safetensors(filename):
             skip = offset + first * row * dtype.itemsize
             return _read(filename, dtype, skip, (stop - first,) + shape[1:])
 
-        tensors[key] = LazyTensor(
-            shape, dtype, read, read_rows if shape else None
-        )
+        tensors[key] = LazyTensor(shape, dtype, read, read_rows if shape else None)
     return tensors
 
 
@@ -384,7 +383,7 @@ def read_checkpoint_tensors(path):
     return tensors
 
 
-def _weight_map(backbone):
+def weight_map(backbone):
     """`[(variable path, HF key, transform)]` for every backbone variable.
 
     transform: "linear" transposes an `nn.Linear` weight `(out, in)` to a
@@ -480,7 +479,7 @@ def convert_weights(backbone, tensors, source):
     """
     source_tensors = TensorSource(tensors, source)
     converted = {}
-    for path, key, transform in _weight_map(backbone):
+    for path, key, transform in weight_map(backbone):
         array = _transform(source_tensors.take(key), transform, key, source)
         converted[path] = (key, array)
     # `save_pretrained` drops the tied `lm_head.weight`, but other writers
@@ -498,7 +497,7 @@ def convert_weights(backbone, tensors, source):
     return converted
 
 
-def backbone_from_huggingface(path, dtype=None, **kwargs):
+def backbone_from_huggingface(path, dtype=None, quantize=None, **kwargs):
     """Builds a `RecurrentGemmaBackbone` from a Hugging Face checkpoint dir.
 
     Args:
@@ -509,6 +508,9 @@ def backbone_from_huggingface(path, dtype=None, **kwargs):
         dtype: str or `keras.DTypePolicy`, the backbone's dtype. `None`
             means `"float32"`, whatever the checkpoint's dtype; weights are
             cast to it.
+        quantize: optional `"int8"` or `"int4"`: each tensor is quantized
+            as it is read, so the float model is never held; the result
+            equals loading in float and calling `quantize(mode)`.
         **kwargs: further backbone arguments that do not change the weights,
             e.g. `scan_implementation`.
 
@@ -531,11 +533,15 @@ def backbone_from_huggingface(path, dtype=None, **kwargs):
         config = config_from_huggingface(hf_config)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from e
+    if quantize is not None:
+        check_quantize_mode(quantize)
     tensors = read_checkpoint_tensors(path)
-    with skip_random_initialization():
-        backbone = RecurrentGemmaBackbone(
-            **config, dtype="float32" if dtype is None else dtype, **kwargs
-        )
+    backbone = build_for_load(
+        RecurrentGemmaBackbone,
+        {**config, **kwargs},
+        "float32" if dtype is None else dtype,
+        quantize,
+    )
     converted = convert_weights(backbone, tensors, source=path)
     assign_backbone_weights(backbone, converted, source=path)
     return backbone

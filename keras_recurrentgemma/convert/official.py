@@ -23,7 +23,8 @@ import numpy as np
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
 from keras_recurrentgemma.convert.common import TensorSource
 from keras_recurrentgemma.convert.common import assign_backbone_weights
-from keras_recurrentgemma.layers.initialization import skip_random_initialization
+from keras_recurrentgemma.convert.quantize_on_load import build_for_load
+from keras_recurrentgemma.convert.quantize_on_load import check_quantize_mode
 
 _SOURCE = "official Flax checkpoint"
 
@@ -277,6 +278,10 @@ def config_from_official(params, **config_overrides):
 
 
 def build_backbone(params, dtype, config_overrides, where):
+    config_overrides = dict(config_overrides)
+    quantize = config_overrides.pop("quantize", None)
+    if quantize is not None:
+        check_quantize_mode(quantize)
     _check_override_names(config_overrides)
     params = _unwrap(params)
     source = TensorSource(_flatten(params), where)
@@ -294,8 +299,7 @@ def build_backbone(params, dtype, config_overrides, where):
     # Missing and extra tensors are caught before the model is built: building
     # allocates every weight, which is slow for the released sizes.
     source.check_all_used()
-    with skip_random_initialization():
-        backbone = RecurrentGemmaBackbone(**config, dtype=dtype)
+    backbone = build_for_load(RecurrentGemmaBackbone, config, dtype, quantize)
     assign_backbone_weights(backbone, tensors, where)
     return backbone
 

@@ -35,7 +35,7 @@ import numpy as np
 from keras_recurrentgemma.convert import common
 from keras_recurrentgemma.convert.huggingface import CONFIG_FILE
 from keras_recurrentgemma.convert.huggingface import MODEL_TYPE
-from keras_recurrentgemma.convert.huggingface import _weight_map
+from keras_recurrentgemma.convert.huggingface import weight_map
 from keras_recurrentgemma.convert.to_transformers_safetensors import SAFETENSORS_DTYPES
 from keras_recurrentgemma.convert.to_transformers_safetensors import write_json
 from keras_recurrentgemma.convert.to_transformers_safetensors import write_safetensors
@@ -275,7 +275,7 @@ def weight_tensors(backbone):
             for factor in (layer.lora_kernel_a, layer.lora_kernel_b):
                 variables.pop(factor.path)
     tensors = []
-    for var_path, key, transform in _weight_map(backbone):
+    for var_path, key, transform in weight_map(backbone):
         variable = variables.pop(var_path)
         dtype = _dtype_name(variable)
         if dtype not in SAFETENSORS_DTYPES:

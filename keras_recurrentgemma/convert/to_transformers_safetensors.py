@@ -53,7 +53,7 @@ def write_safetensors(tensors, directory, max_bytes):
     """
     shards = _shards(tensors, max_bytes)
     progress = None
-    if common._SHOW_PROGRESS.get():  # `common.show_progress()`, as loading
+    if common.progress_enabled():  # `common.show_progress()`, as loading
         from tqdm.auto import tqdm
 
         progress = tqdm(total=len(tensors), desc="Writing weights", unit="tensor")
