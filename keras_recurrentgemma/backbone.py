@@ -18,7 +18,7 @@ from keras_recurrentgemma.layers.dense import quantizable_layers
 from keras_recurrentgemma.layers.embedding import ReversibleEmbedding
 from keras_recurrentgemma.layers.initialization import initializer
 from keras_recurrentgemma.layers.lora_state import merged_weights_only
-from keras_recurrentgemma.saving import atomic_preset_dir
+from keras_recurrentgemma.preset_mixin import ModelPresetMixin
 
 
 def embedding_normalizer(hidden_dim):
@@ -47,7 +47,7 @@ def _with_segment_pos_spec(inputs):
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
-class RecurrentGemmaBackbone(Backbone):
+class RecurrentGemmaBackbone(ModelPresetMixin, Backbone):
     """RecurrentGemma (Griffin) decoder: RG-LRU recurrences and local attention.
 
     Embeds tokens, scales them by `bfloat16(sqrt(hidden_dim))`, runs
@@ -377,43 +377,12 @@ class RecurrentGemmaBackbone(Backbone):
             data_parallel_dim_name=data_parallel_dim_name,
         )
 
-    presets = preset_loader.PresetsProperty()
+    _load_preset = staticmethod(preset_loader.load_backbone)
 
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Builds the backbone from a preset name, directory or handle.
-
-        Args:
-            preset: str. A name from `RecurrentGemmaBackbone.presets`; a local
-                Keras preset, Hugging Face or official (Orbax or `.pt`)
-                checkpoint directory; or an `hf://` / `kaggle://` handle.
-                Checkpoints that are not Keras presets are converted on load.
-            load_weights: bool. If `False`, the weights are randomly
-                initialised.
-            **kwargs: backbone arguments such as `dtype`.
-
-        Raises:
-            ValueError: for an unknown name (listing the known ones), a
-                directory in no known format, a truncated or mismatched
-                weights file, or a failed download (saying what to do).
-        """
-        return preset_loader.load_backbone(cls, preset, load_weights, **kwargs)
-
-    def save_to_preset(self, preset_dir, max_shard_size=10):
-        """Saves the backbone as a Keras preset; see `keras_hub`'s.
-
-        Written to a temporary directory that then replaces `preset_dir`, so
-        an interrupted save leaves the previous preset as it was. Files that
-        are not part of a preset (a README, a LoRA file) are kept.
-
-        Raises:
-            ValueError: if `preset_dir` is a file or a non-empty directory
-                holding no preset.
-        """
+    def _preset_save_scope(self):
         # A preset is for inference: LoRA is merged into the kernels and the
         # factors are not written (see `layers/lora_state.py`).
-        with atomic_preset_dir(preset_dir) as staging, merged_weights_only():
-            super().save_to_preset(staging, max_shard_size=max_shard_size)
+        return merged_weights_only()
 
     def get_config(self):
         config = super().get_config()

@@ -29,13 +29,17 @@ from keras_recurrentgemma.generation import RecurrentGemmaCache  # noqa: F401
 from keras_recurrentgemma.generation_api import GenerationMixin
 from keras_recurrentgemma.layers.dense import check_quantization_mode
 from keras_recurrentgemma.layers.dense import quantizable_layers
-from keras_recurrentgemma.saving import atomic_preset_dir
+from keras_recurrentgemma.preset_mixin import ModelPresetMixin
 from keras_recurrentgemma.utils.checks import check_in_range
 from keras_recurrentgemma.utils.checks import check_no_padding_gaps
 from keras_recurrentgemma.utils.checks import check_same_shape
 
+# The functional model's inputs: what the preprocessor gives.
+TASK_INPUTS = ("token_ids", "padding_mask")
 
-class RecurrentGemmaCausalLM(GenerationMixin, CausalLM):
+
+@keras.saving.register_keras_serializable(package="keras_recurrentgemma")
+class RecurrentGemmaCausalLM(ModelPresetMixin, GenerationMixin, CausalLM):
     """RecurrentGemma for causal language modelling and generation.
 
     `fit` trains on `(x, y, sample_weight)` batches (raw strings when a
@@ -93,46 +97,34 @@ class RecurrentGemmaCausalLM(GenerationMixin, CausalLM):
     # True while `train_step` runs with the chunked loss: `call` returns
     # hidden states and `compute_loss` makes the logits chunk by chunk.
     _chunked_loss_step = False
-    presets = preset_loader.PresetsProperty()
+    _load_preset = staticmethod(preset_loader.load_task)
 
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Builds the causal LM (backbone and preprocessor) from a preset.
+    def export_for_generation(
+        self, path, format="onnx", overwrite=False, prefill_length=32
+    ):
+        """Writes a generation artifact that runs without Keras.
 
-        Args:
-            preset: str. A name from `RecurrentGemmaCausalLM.presets`; a local
-                Keras preset, Hugging Face or official (Orbax or `.pt`)
-                checkpoint directory; or an `hf://` / `kaggle://` handle.
-                Checkpoints that are not Keras presets are converted on load,
-                the tokenizer coming from their `tokenizer.model`.
-            load_weights: bool. If `False`, the weights are randomly
-                initialised.
-            **kwargs: task arguments (`instruction_tuned`,
-                `prefill_chunk_size`, `preprocessor`, ...) and `dtype`.
-                Named instruction-tuned presets set `instruction_tuned=True`.
+        `prefill` and `decode_step` endpoints with the fixed-size state as
+        explicit inputs and outputs, the tokenizer and `generation.json`;
+        `keras_recurrentgemma.serving.load_exported(path)` runs it. `format`
+        is `"onnx"` (torch, tensorflow), `"tf_saved_model"` (tensorflow,
+        jax) or `"litert"` (tensorflow); `prefill_length` is the prompt chunk
+        per `prefill` call. See `keras_recurrentgemma.export`.
 
         Raises:
-            ValueError: for an unknown name (listing the known ones), a
-                directory in no known format, a truncated or mismatched
-                weights file, or a failed download (saying what to do).
-
-        Example:
-        ```python
-        causal_lm = RecurrentGemmaCausalLM.from_preset("griffin_tiny_pydocs_en")
-        causal_lm.generate("The function", max_length=40)
-        ```
+            ValueError: for an unknown format, one this backend cannot write
+                (naming those that can), or an existing `path` without
+                `overwrite=True`.
         """
-        return preset_loader.load_task(cls, preset, load_weights, **kwargs)
+        from keras_recurrentgemma.export import export_for_generation
 
-    def save_to_preset(self, preset_dir, max_shard_size=10):
-        """Saves backbone, preprocessor and tokenizer as a Keras preset.
-
-        As `RecurrentGemmaBackbone.save_to_preset`: all files go to a
-        temporary directory that then replaces `preset_dir`, so an
-        interrupted save leaves the previous preset intact.
-        """
-        with atomic_preset_dir(preset_dir) as staging:
-            super().save_to_preset(staging, max_shard_size=max_shard_size)
+        return export_for_generation(
+            self,
+            path,
+            format=format,
+            overwrite=overwrite,
+            prefill_length=prefill_length,
+        )
 
     def __init__(
         self,
@@ -151,7 +143,9 @@ class RecurrentGemmaCausalLM(GenerationMixin, CausalLM):
         self.preprocessor = preprocessor
 
         # === Functional model ===
-        inputs = backbone.input
+        # The preprocessor's two inputs, as KerasHub tasks take them; an
+        # optional `segment_pos` (packed rows) is handled by `call`.
+        inputs = {name: backbone.input[name] for name in TASK_INPUTS}
         hidden = backbone(inputs)
         outputs = backbone.token_embedding(hidden, reverse=True)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
@@ -160,14 +154,19 @@ class RecurrentGemmaCausalLM(GenerationMixin, CausalLM):
         self.instruction_tuned = instruction_tuned
         self.prefill_chunk_size = int(prefill_chunk_size)
 
-    # The backbone's `segment_pos` input is optional here too.
-    def __call__(self, inputs, *args, **kwargs):
-        return super().__call__(_with_segment_pos(inputs), *args, **kwargs)
-
     def call(self, inputs, *args, **kwargs):
         if self._chunked_loss_step:
             return self.backbone(_with_segment_pos(inputs))
-        return super().call(_with_segment_pos(inputs), *args, **kwargs)
+        if isinstance(inputs, dict) and inputs.get("segment_pos") is not None:
+            # Not an input of the functional graph (KerasHub's harness and
+            # `predict` on preprocessed data need exactly the preprocessor's
+            # structure), so rows with their own positions go the same way
+            # by hand: backbone, then the tied embedding.
+            hidden = self.backbone(inputs)
+            return self.backbone.token_embedding(hidden, reverse=True)
+        if isinstance(inputs, dict):
+            inputs = {name: inputs[name] for name in TASK_INPUTS}
+        return super().call(inputs, *args, **kwargs)
 
     def compile(
         self,

@@ -44,6 +44,12 @@ class _PresetBase:
             # The KerasHub base class after the mixin writes the files.
             super().save_to_preset(staging, **kwargs)
 
+    def _export_to_transformers(self, path, overwrite, **kwargs):
+        # Lazy: the exporter needs safetensors, which loading does not.
+        from keras_recurrentgemma.convert.to_transformers import export_to_transformers
+
+        export_to_transformers(self, path, overwrite=overwrite, **kwargs)
+
     @classmethod
     def _loader(cls):
         if cls._load_preset is None:
@@ -101,6 +107,29 @@ class ModelPresetMixin(_PresetBase):
         """
         self._save_atomically(preset_dir, max_shard_size=max_shard_size)
 
+    def export_to_transformers(self, path, overwrite=False, max_shard_size=5):
+        """Writes a Hugging Face `transformers` directory of this model.
+
+        `transformers.AutoModelForCausalLM.from_pretrained(path)` loads it as
+        `RecurrentGemmaForCausalLM`: `config.json` with the released field
+        names, safetensors (streamed tensor by tensor, sharded past
+        `max_shard_size` GB), LoRA merged, 16-bit weights kept 16-bit. A
+        causal LM with a preprocessor also writes its tokenizer and
+        `generation_config.json` with the stop ids. Staged and renamed: a
+        failed export leaves nothing at `path`.
+
+        Args:
+            path: str. The directory to write.
+            overwrite: bool. Replace `path` if it holds anything.
+            max_shard_size: float. Largest safetensors file, in GB.
+
+        Raises:
+            ValueError: before anything is written, for a model
+                `transformers` cannot represent (naming what), quantized
+                weights, or an existing `path` without `overwrite=True`.
+        """
+        self._export_to_transformers(path, overwrite, max_shard_size=max_shard_size)
+
 
 class AssetPresetMixin(_PresetBase):
     """For the weightless parts: the preprocessor and the tokenizer."""
@@ -135,3 +164,15 @@ class AssetPresetMixin(_PresetBase):
         files, as the models' `save_to_preset` does.
         """
         self._save_atomically(preset_dir)
+
+    def export_to_transformers(self, path, overwrite=False):
+        """Writes the tokenizer as `transformers` files (`tokenizer.model`,
+        `tokenizer_config.json`, special tokens) that
+        `transformers.AutoTokenizer.from_pretrained(path)` loads, giving the
+        same ids. Staged and renamed, as the models' export.
+
+        Raises:
+            ValueError: for an existing `path` without `overwrite=True`, or
+                a vocabulary transformers would tokenize differently.
+        """
+        self._export_to_transformers(path, overwrite)

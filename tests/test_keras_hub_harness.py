@@ -7,7 +7,6 @@ every backend. It skips mixed precision on torch without CUDA and
 quantization on torch by itself.
 """
 
-import keras
 import numpy as np
 import pytest
 
@@ -22,13 +21,6 @@ from tests.conftest import TINY_CONFIGS  # noqa: E402
 from tests.models import tiny_tokenizer  # noqa: E402
 
 TEXT = ["the quick brown fox", "the earth is round"]
-
-# `run_task_test` serializes the task by registered name; a class Keras
-# cannot find by that name fails there (and in `.keras` loading) for a
-# reason outside the harness and outside the backbone.
-TASK_UNREGISTERED = (
-    keras.saving.get_registered_name(RecurrentGemmaCausalLM) == "RecurrentGemmaCausalLM"
-)
 
 
 class RecurrentGemmaHarnessTest(TestCase):
@@ -77,23 +69,7 @@ class RecurrentGemmaHarnessTest(TestCase):
         )
 
     def test_causal_lm_task(self):
-        if TASK_UNREGISTERED:
-            self.skipTest(
-                "RecurrentGemmaCausalLM is not registered with "
-                "`keras.saving.register_keras_serializable`, so Keras cannot "
-                "deserialize it (causal_lm.py; issue 20)"
-            )
         backbone = RecurrentGemmaBackbone(**self.backbone_kwargs)
-        task = RecurrentGemmaCausalLM(backbone, self.preprocessor)
-        # KerasHub requires the preprocessor's output to have exactly the
-        # model's input structure; ours leaves out the optional `segment_pos`.
-        x = self.preprocessor(TEXT)[0]
-        if sorted(x) != sorted(task.input):
-            self.skipTest(
-                f"the preprocessor gives {sorted(x)}, the task takes "
-                f"{sorted(task.input)}: KerasHub's `run_task_test` has no "
-                "optional inputs (causal_lm_preprocessor.py; issue 20)"
-            )
         self.run_task_test(
             cls=RecurrentGemmaCausalLM,
             init_kwargs={"backbone": backbone, "preprocessor": self.preprocessor},
