@@ -175,7 +175,8 @@ def chunk_plan(buffer_length, chunk_size, longest=None):
         `length` is `buffer_length`, or `max(longest, 1)` when trimmed.
     """
     length = int(buffer_length) if longest is None else max(int(longest), 1)
-    chunk = min(int(chunk_size), length)
+    # An empty buffer (`prefill` of no tokens) is a plan of no chunks.
+    chunk = max(min(int(chunk_size), length), 1)
     return ChunkPlan(length, chunk, math.ceil(length / chunk) * chunk)
 
 
