@@ -127,12 +127,13 @@ def test_runtime_generates_like_generate(format, tmp_path):
 
 def test_unknown_format_and_other_backends(tmp_path):
     causal_lm = tiny_causal_lm()
+    # Through the method, as a user calls it.
     with pytest.raises(ValueError, match="Unknown export format 'gguf'"):
-        export_for_generation(causal_lm, tmp_path / "a", format="gguf")
+        causal_lm.export_for_generation(tmp_path / "a", format="gguf")
     for format, backends in FORMATS.items():
         if BACKEND not in backends:
             with pytest.raises(ValueError, match=f"use {' or '.join(backends)}"):
-                export_for_generation(causal_lm, tmp_path / "a", format=format)
+                causal_lm.export_for_generation(tmp_path / "a", format=format)
     assert not os.listdir(tmp_path)
 
 

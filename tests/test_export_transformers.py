@@ -216,7 +216,7 @@ def test_round_trip_is_bit_exact_and_sharded(dtype, tmp_path):
     causal_lm.instruction_tuned = True  # generation_config stops at <end_of_turn>
     path = tmp_path / "hf"
     # 20 kB shards: the tiny model's ~60 kB of bfloat16 needs several.
-    export_to_transformers(causal_lm, path, max_shard_size=2e-5)
+    causal_lm.export_to_transformers(path, max_shard_size=2e-5)
     names = sorted(os.listdir(path))
     shards = [n for n in names if n.startswith("model-") and n.endswith(".safetensors")]
     assert len(shards) > 2 and "model.safetensors" not in names
@@ -248,15 +248,17 @@ def test_round_trip_is_bit_exact_and_sharded(dtype, tmp_path):
 
 def test_backbone_and_preprocessor_export_their_own_part(tmp_path):
     causal_lm = tiny_causal_lm("griffin")
-    export_to_transformers(causal_lm.backbone, tmp_path / "model")
+    # The methods, as KerasHub names them on each class.
+    causal_lm.backbone.export_to_transformers(tmp_path / "model")
     assert not os.path.exists(tmp_path / "model" / "tokenizer.model")
     assert os.path.exists(tmp_path / "model" / "model.safetensors")
-    export_to_transformers(causal_lm.preprocessor, tmp_path / "tok")
-    assert sorted(os.listdir(tmp_path / "tok")) == [
-        "tokenizer.json",
-        "tokenizer.model",
-        "tokenizer_config.json",
-    ]
+    tokenizer_files = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    causal_lm.preprocessor.export_to_transformers(tmp_path / "tok")
+    assert sorted(os.listdir(tmp_path / "tok")) == tokenizer_files
+    causal_lm.preprocessor.tokenizer.export_to_transformers(tmp_path / "tok2")
+    assert sorted(os.listdir(tmp_path / "tok2")) == tokenizer_files
+    with pytest.raises(ValueError, match="overwrite"):
+        causal_lm.preprocessor.tokenizer.export_to_transformers(tmp_path / "tok2")
 
 
 def _unrepresentable(case):
