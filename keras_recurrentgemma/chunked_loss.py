@@ -79,26 +79,32 @@ def _check_targets(hidden, labels, sample_weight):
             f"The chunked loss takes hidden states [batch, seq, hidden_dim]; got "
             f"shape {tuple(hidden.shape)}."
         )
-    labels = ops.convert_to_tensor(labels)
-    if len(labels.shape) == 3 and labels.shape[-1] == 1:
-        labels = ops.squeeze(labels, axis=-1)
-    if len(labels.shape) != 2:
-        raise ValueError(
-            "The chunked loss takes integer labels [batch, seq]; got shape "
-            f"{tuple(labels.shape)}. Pass `compile(loss=...)` for other targets."
-        )
-    labels = ops.cast(labels, "int32")
+    labels = _per_token(
+        labels,
+        "int32",
+        "The chunked loss takes integer labels [batch, seq]; got shape {shape}. "
+        "Pass `compile(loss=...)` for other targets.",
+    )
     if sample_weight is None:
         return labels, None
-    sample_weight = ops.convert_to_tensor(sample_weight)
-    if len(sample_weight.shape) == 3 and sample_weight.shape[-1] == 1:
-        sample_weight = ops.squeeze(sample_weight, axis=-1)
-    if len(sample_weight.shape) != 2:
-        raise ValueError(
-            "The chunked loss takes a `sample_weight` per token, [batch, seq]; "
-            f"got shape {tuple(sample_weight.shape)}."
-        )
-    return labels, ops.cast(sample_weight, "float32")
+    sample_weight = _per_token(
+        sample_weight,
+        "float32",
+        "The chunked loss takes a `sample_weight` per token, [batch, seq]; "
+        "got shape {shape}.",
+    )
+    return labels, sample_weight
+
+
+def _per_token(values, dtype, message):
+    """`values` as a `[b, t]` tensor of `dtype` (a trailing axis of 1
+    dropped), else a ValueError of `message` formatted with the shape."""
+    values = ops.convert_to_tensor(values)
+    if len(values.shape) == 3 and values.shape[-1] == 1:
+        values = ops.squeeze(values, axis=-1)
+    if len(values.shape) != 2:
+        raise ValueError(message.format(shape=tuple(values.shape)))
+    return ops.cast(values, dtype)
 
 
 def chunked_cross_entropy(
