@@ -7,6 +7,8 @@ licence not yet accepted — is turned into a `ValueError` that names the
 handle and the fix.
 """
 
+import importlib
+
 # What `from_preset` needs from a Hugging Face repository, in any of the
 # formats it reads; skips e.g. GGUF or PyTorch `.bin` duplicates.
 HF_ALLOW_PATTERNS = (
@@ -24,6 +26,18 @@ def _strip_scheme(handle, scheme):
     return handle.split("://", 1)[1] if handle.lower().startswith(scheme) else handle
 
 
+def _import(handle, package, submodule):
+    """`package` and its `submodule`, or an ImportError saying that loading
+    `handle` needs `package` installed."""
+    try:
+        module = importlib.import_module(package)
+        return module, importlib.import_module(f"{package}.{submodule}")
+    except ImportError as e:
+        raise ImportError(
+            f"Loading {handle} needs `{package}`: pip install {package}"
+        ) from e
+
+
 def huggingface_download(handle):
     """Downloads (or finds in the cache) a Hugging Face repository.
 
@@ -38,13 +52,7 @@ def huggingface_download(handle):
         ValueError: for a malformed handle, a missing or gated repository,
             missing credentials, or no network and no cached copy.
     """
-    try:
-        import huggingface_hub
-        from huggingface_hub import errors
-    except ImportError as e:
-        raise ImportError(
-            f"Loading {handle} needs `huggingface_hub`: pip install huggingface_hub"
-        ) from e
+    huggingface_hub, errors = _import(handle, "huggingface_hub", "errors")
     repo_id = _strip_scheme(handle, "hf://").strip("/")
     url = f"https://huggingface.co/{repo_id}"
     try:
@@ -94,13 +102,7 @@ def kaggle_download(handle):
             not yet accepted, a missing model, or no network and no cached
             copy.
     """
-    try:
-        import kagglehub
-        from kagglehub import exceptions
-    except ImportError as e:
-        raise ImportError(
-            f"Loading {handle} needs `kagglehub`: pip install kagglehub"
-        ) from e
+    kagglehub, exceptions = _import(handle, "kagglehub", "exceptions")
     import requests
 
     model = _strip_scheme(handle, "kaggle://").strip("/")
