@@ -251,19 +251,19 @@ class KerasFormatLoader(preset_utils.KerasPresetLoader):
     def load_tokenizer(
         self, cls, config_file=preset_utils.TOKENIZER_CONFIG_FILE, **kwargs
     ):
-        # A missing file is KerasHub's FileNotFoundError, naming it.
-        if os.path.isfile(os.path.join(self.preset, config_file)):
-            read_serialized_object(self.preset, config_file)
-        with self._reading_file(config_file):
-            return super().load_tokenizer(cls, config_file, **kwargs)
+        return self._load_checked(super().load_tokenizer, cls, config_file, **kwargs)
 
     def load_preprocessor(
         self, cls, config_file=preset_utils.PREPROCESSOR_CONFIG_FILE, **kwargs
     ):
+        return self._load_checked(super().load_preprocessor, cls, config_file, **kwargs)
+
+    def _load_checked(self, load, cls, config_file, **kwargs):
+        # A missing file is KerasHub's FileNotFoundError, naming it.
         if os.path.isfile(os.path.join(self.preset, config_file)):
             read_serialized_object(self.preset, config_file)
         with self._reading_file(config_file):
-            return super().load_preprocessor(cls, config_file, **kwargs)
+            return load(cls, config_file, **kwargs)
 
     def _load_serialized_object(self, config, **kwargs):
         path = os.path.join(self.preset, self._reading)
