@@ -12,6 +12,7 @@ in about its own size of host memory.
 import contextlib
 import contextvars
 import json
+import os
 
 import keras
 import ml_dtypes
@@ -357,3 +358,31 @@ def read_json_object(path):
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object.")
     return value
+
+
+def locate_checkpoint(path, find, missing):
+    """`find(path)` for a str or path-like `path`, or, if it finds nothing, a
+    ValueError `"{path}: {missing}"`."""
+    path = os.fspath(path)
+    found = find(path)
+    if found is None:
+        raise ValueError(f"{path}: {missing}")
+    return found
+
+
+def checkpoint_in(directory, is_checkpoint, kind):
+    """The one path directly inside `directory` that `is_checkpoint` accepts,
+    or `None` if there is none or `directory` is not a folder.
+
+    Raises:
+        ValueError: if there are several `kind` checkpoints (they are listed).
+    """
+    if not os.path.isdir(directory):
+        return None
+    paths = (os.path.join(directory, name) for name in os.listdir(directory))
+    found = sorted(path for path in paths if is_checkpoint(path))
+    if len(found) > 1:
+        raise ValueError(
+            f"{directory}: several {kind} checkpoints {found}; pass the one to load."
+        )
+    return found[0] if found else None

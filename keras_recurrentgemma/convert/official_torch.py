@@ -22,7 +22,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from keras_recurrentgemma.convert.common import LazyTensor
+from keras_recurrentgemma.convert.common import checkpoint_in
 from keras_recurrentgemma.convert.common import host_copy
+from keras_recurrentgemma.convert.common import locate_checkpoint
 from keras_recurrentgemma.convert.common import to_numpy
 from keras_recurrentgemma.convert.official import build_backbone
 
@@ -60,20 +62,12 @@ def find_torch_checkpoint(directory):
     """
     directory = os.fspath(directory)
     if os.path.isfile(directory):
-        return directory if directory.endswith(_TORCH_SUFFIXES) else None
-    if not os.path.isdir(directory):
-        return None
-    found = sorted(
-        os.path.join(directory, name)
-        for name in os.listdir(directory)
-        if name.endswith(_TORCH_SUFFIXES)
-        and os.path.isfile(os.path.join(directory, name))
-    )
-    if len(found) > 1:
-        raise ValueError(
-            f"{directory}: several PyTorch checkpoints {found}; pass the one to load."
-        )
-    return found[0] if found else None
+        return directory if _is_torch_file(directory) else None
+    return checkpoint_in(directory, _is_torch_file, "PyTorch")
+
+
+def _is_torch_file(path):
+    return path.endswith(_TORCH_SUFFIXES) and os.path.isfile(path)
 
 
 def _is_tensor_dict(value, torch):
@@ -119,12 +113,11 @@ def read_torch_state_dict(path):
 
 def _load_state_dict(path):
     """`read_torch_state_dict`, with the file's name and whether it is mapped."""
-    path = os.fspath(path)
-    filename = find_torch_checkpoint(path)
-    if filename is None:
-        raise ValueError(
-            f"{path}: no PyTorch checkpoint (a {' or '.join(_TORCH_SUFFIXES)} file)."
-        )
+    filename = locate_checkpoint(
+        path,
+        find_torch_checkpoint,
+        f"no PyTorch checkpoint (a {' or '.join(_TORCH_SUFFIXES)} file).",
+    )
     torch = _import_torch("Reading an official PyTorch checkpoint")
     # `mmap` needs the zip format; older `.pt` files are plain pickles.
     mapped = zipfile.is_zipfile(filename)

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from keras_recurrentgemma.convert.common import LazyTensor
+from keras_recurrentgemma.convert.common import checkpoint_in
+from keras_recurrentgemma.convert.common import locate_checkpoint
 from keras_recurrentgemma.convert.common import read_json_object
 from keras_recurrentgemma.convert.common import to_numpy
 from keras_recurrentgemma.convert.official import build_backbone
@@ -81,18 +83,11 @@ def find_orbax_checkpoint(directory):
     directory = os.fspath(directory)
     if is_orbax_checkpoint(directory):
         return directory
-    if not os.path.isdir(directory):
-        return None
-    found = sorted(
-        os.path.join(directory, name)
-        for name in os.listdir(directory)
-        if _ORBAX_TMP not in name and is_orbax_checkpoint(os.path.join(directory, name))
-    )
-    if len(found) > 1:
-        raise ValueError(
-            f"{directory}: several Orbax checkpoints {found}; pass the one to load."
-        )
-    return found[0] if found else None
+    return checkpoint_in(directory, _is_finished_checkpoint, "Orbax")
+
+
+def _is_finished_checkpoint(path):
+    return _ORBAX_TMP not in os.path.basename(path) and is_orbax_checkpoint(path)
 
 
 def _orbax_error_detail(error):
@@ -147,13 +142,12 @@ def _numpy_restore_args(ocp, checkpointer, path):
 
 def _checkpoint_folder(path):
     """The absolute checkpoint folder of `path`, or a ValueError saying why not."""
-    path = os.fspath(path)
-    checkpoint = find_orbax_checkpoint(path)
-    if checkpoint is None:
-        raise ValueError(
-            f"{path}: not an Orbax checkpoint (no {' or '.join(_ORBAX_MARKERS)} "
-            "in it or in a folder directly inside it)."
-        )
+    checkpoint = locate_checkpoint(
+        path,
+        find_orbax_checkpoint,
+        f"not an Orbax checkpoint (no {' or '.join(_ORBAX_MARKERS)} in it or in a "
+        "folder directly inside it).",
+    )
     checkpoint = os.path.abspath(checkpoint)
     if _ORBAX_TMP in os.path.basename(checkpoint):
         raise ValueError(
