@@ -7,8 +7,6 @@ KerasHub's `CausalLM` (presets, `compile`, `fit` with the chunked loss,
 cache API, `generate_step` and `chat`, as a mixin).
 """
 
-import warnings
-
 import keras
 from keras import ops
 from keras_hub.models import CausalLM
@@ -30,6 +28,7 @@ from keras_recurrentgemma.generation_api import GenerationMixin
 from keras_recurrentgemma.layers.dense import check_quantization_mode
 from keras_recurrentgemma.layers.dense import quantizable_layers
 from keras_recurrentgemma.preset_mixin import ModelPresetMixin
+from keras_recurrentgemma.training import TrainingMixin
 from keras_recurrentgemma.utils.checks import check_in_range
 from keras_recurrentgemma.utils.checks import check_no_padding_gaps
 from keras_recurrentgemma.utils.checks import check_same_shape
@@ -39,7 +38,9 @@ TASK_INPUTS = ("token_ids", "padding_mask")
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
-class RecurrentGemmaCausalLM(ModelPresetMixin, GenerationMixin, CausalLM):
+class RecurrentGemmaCausalLM(
+    ModelPresetMixin, TrainingMixin, GenerationMixin, CausalLM
+):
     """RecurrentGemma for causal language modelling and generation.
 
     `fit` trains on `(x, y, sample_weight)` batches (raw strings when a
@@ -92,11 +93,6 @@ class RecurrentGemmaCausalLM(ModelPresetMixin, GenerationMixin, CausalLM):
     _generate_compile = "auto"
     _torch_decode_mode = None
     _torch_decode = None
-    # Set by `compile(loss="auto")`; `None` means the full logits.
-    _loss_chunk_size = None
-    # True while `train_step` runs with the chunked loss: `call` returns
-    # hidden states and `compute_loss` makes the logits chunk by chunk.
-    _chunked_loss_step = False
     _load_preset = staticmethod(preset_loader.load_task)
 
     def export_for_generation(
@@ -221,65 +217,6 @@ class RecurrentGemmaCausalLM(ModelPresetMixin, GenerationMixin, CausalLM):
             **kwargs,
         )
         self._scale_float16_loss(kwargs.get("auto_scale_loss", True))
-
-    def train_step(self, *args, **kwargs):
-        # Only inside the step does `call` return hidden states (for
-        # `compute_loss`); `model(x)`, `predict` and `evaluate` get logits.
-        self._chunked_loss_step = self._loss_chunk_size is not None
-        try:
-            return super().train_step(*args, **kwargs)
-        finally:
-            self._chunked_loss_step = False
-
-    def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
-        if not self._chunked_loss_step:
-            return super().compute_loss(x, y, y_pred, sample_weight, training)
-        # `y_pred` is the hidden states. The metrics are updated here, a
-        # chunk of logits at a time: on JAX only this call sees the weights.
-        metrics = self._compile_metrics
-        if metrics is not None and metrics.built and not metrics.metrics:
-            metrics = None
-        loss = chunked_loss.chunked_cross_entropy(
-            lambda h: self.backbone.token_embedding(h, reverse=True),
-            y_pred,
-            y,
-            sample_weight,
-            self._loss_chunk_size,
-            on_chunk=None if metrics is None else metrics.update_state,
-        )
-        for extra in self.losses:
-            loss = loss + self._aggregate_additional_loss(extra)
-        return loss
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if self._chunked_loss_step:
-            return self.get_metrics_result()  # updated by `compute_loss`
-        return super().compute_metrics(x, y, y_pred, sample_weight)
-
-    def _scale_float16_loss(self, auto_scale_loss):
-        if self.backbone.compute_dtype != "float16" or self.optimizer is None:
-            return
-        # Small float16 gradients flush to zero without loss scaling, whatever
-        # the variables' dtype; Keras checks for the name "mixed_float16".
-        if auto_scale_loss and not isinstance(
-            self.optimizer, keras.optimizers.LossScaleOptimizer
-        ):
-            self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
-
-    def fit(self, *args, **kwargs):
-        trained = [v.path for v in self.trainable_weights if v.dtype == "float16"]
-        if trained:
-            warnings.warn(
-                f"{len(trained)} trainable weights are float16 (e.g. "
-                f"{trained[0]}): the optimizer keeps its moments in float16 "
-                "too, where they underflow and training diverges. Fine-tune "
-                'with `dtype="mixed_float16"` (float32 weights), or call '
-                "`backbone.enable_lora(rank)`, whose factors are float32.",
-                stacklevel=2,
-            )
-        return super().fit(*args, **kwargs)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Quantizes the projections and the tied embedding in place.

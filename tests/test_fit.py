@@ -1,5 +1,7 @@
 """Training: packed documents, bfloat16 weights, rematerialised blocks."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -141,6 +143,20 @@ def test_lora_fit_with_bfloat16_weights_on_raw_strings():
     assert {d for p, d in dtypes.items() if "lora_kernel" not in p} == {"bfloat16"}
     assert {d for p, d in dtypes.items() if "lora_kernel" in p} == {"float32"}
     assert lm.generate("The quick", max_length=8)
+
+
+def test_fit_on_raw_strings_does_not_warn_about_a_default_shuffle():
+    lm = tiny_causal_lm("griffin", sequence_length=16)
+    lm.compile(optimizer="adam", sampler="greedy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm.fit(DOCUMENTS, batch_size=2, epochs=1, verbose=0)
+    assert not [w for w in caught if "shuffle" in str(w.message)]
+    # Asked for by the user, the setting Keras cannot honour is still named.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm.fit(DOCUMENTS, batch_size=2, epochs=1, verbose=0, shuffle=True)
+    assert [w for w in caught if "shuffle" in str(w.message)]
 
 
 def one_sgd_step(lm, x, y, sample_weight):
