@@ -11,6 +11,10 @@ a task's `from_preset` also accepts (`RUNTIME_BACKBONE_ARGS`, `LOAD_ARGS`).
 import os
 
 import keras
+
+# KerasHub's preset loaders (`PresetLoader`, `KerasPresetLoader`) and file
+# names have no public home; the other preset modules take `preset_utils`
+# from here, so a move in KerasHub breaks one import, not four.
 from keras_hub.src.utils import preset_utils
 
 # The formats `detect_format` tells apart.

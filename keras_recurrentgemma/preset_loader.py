@@ -27,12 +27,8 @@ PyTorch files read with `torch.load(weights_only=True)`.
 
 import os
 
-from keras_hub.src.utils import preset_utils
-
 from keras_recurrentgemma import downloads
 from keras_recurrentgemma import presets as named_presets
-
-# `noqa`: names defined in those modules that other modules import from here.
 from keras_recurrentgemma.preset_common import HUGGINGFACE  # noqa: F401
 from keras_recurrentgemma.preset_common import KERAS
 from keras_recurrentgemma.preset_common import LOAD_ARGS  # noqa: F401
@@ -41,6 +37,9 @@ from keras_recurrentgemma.preset_common import ORBAX  # noqa: F401
 from keras_recurrentgemma.preset_common import RUNTIME_BACKBONE_ARGS  # noqa: F401
 from keras_recurrentgemma.preset_common import check_serialized_backbone  # noqa: F401
 from keras_recurrentgemma.preset_common import detect_format
+
+# `noqa`: names defined in those modules that other modules import from here.
+from keras_recurrentgemma.preset_common import preset_utils
 from keras_recurrentgemma.preset_common import read_serialized_object
 from keras_recurrentgemma.preset_loader_converted import TOKENIZER_FILE  # noqa: F401
 from keras_recurrentgemma.preset_loader_converted import ConvertedPresetLoader

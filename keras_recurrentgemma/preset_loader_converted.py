@@ -9,10 +9,9 @@ format but a Keras preset.
 
 import os
 
-from keras_hub.src.utils import preset_utils
-
 from keras_recurrentgemma.preset_common import HUGGINGFACE
 from keras_recurrentgemma.preset_common import OFFICIAL_TORCH
+from keras_recurrentgemma.preset_common import preset_utils
 from keras_recurrentgemma.preset_common import split_backbone_kwargs
 
 TOKENIZER_FILE = "tokenizer.model"

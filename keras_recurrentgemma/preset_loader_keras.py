@@ -14,10 +14,10 @@ import keras
 # Keras exports no way to force safe mode over a user's
 # `enable_unsafe_deserialization()`; its `SafeModeScope` does.
 from keras.src.saving import serialization_lib
-from keras_hub.src.utils import preset_utils
 
 from keras_recurrentgemma.layers.initialization import skip_random_initialization
 from keras_recurrentgemma.preset_common import check_serialized_backbone
+from keras_recurrentgemma.preset_common import preset_utils
 from keras_recurrentgemma.preset_common import read_serialized_object
 from keras_recurrentgemma.preset_common import split_backbone_kwargs
 
