@@ -12,6 +12,10 @@ What is proved, on every backend, for every source format:
 `tools/benchmark_real_size.py --quantize int8` measures the released sizes.
 """
 
+import json
+import os
+import struct
+
 import keras
 import numpy as np
 import pytest
@@ -96,6 +100,39 @@ def test_task_generates_and_matches(hf_dir):
     assert loaded.generate(prompt, max_length=12) == reference.generate(
         prompt, max_length=12
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_embedding_is_read_a_slice_of_rows_at_a_time(hf_dir, mode, monkeypatch):
+    from keras_recurrentgemma.convert import huggingface
+
+    # Where the embedding's bytes start and end in the file.
+    filename = os.path.join(hf_dir, "model.safetensors")
+    with open(filename, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    begin, end = (
+        8 + size + n for n in header["model.embed_tokens.weight"]["data_offsets"]
+    )
+    reads = []
+    read = huggingface._read
+
+    def recording_read(filename, dtype, offset, shape):
+        if begin <= offset < end:
+            reads.append(tuple(shape))
+        return read(filename, dtype, offset, shape)
+
+    monkeypatch.setattr(huggingface, "_read", recording_read)
+    reference = quantized_after_loading(hf_dir, mode)
+    vocabulary, hidden = reference.token_embedding.embeddings.shape
+    # Slices of 40 rows: several per table, the last one short.
+    monkeypatch.setattr(quantize_on_load, "_SLICE_BYTES", 40 * hidden * 2)
+    reads.clear()
+    loaded = RecurrentGemmaBackbone.from_preset(hf_dir, dtype="bfloat16", quantize=mode)
+    assert (vocabulary, hidden) not in reads
+    assert sum(shape[0] for shape in reads) == vocabulary and len(reads) > 2
+    # Sliced that finely, still the model that quantizing after loading gives.
+    assert_same_weights(loaded, reference)
 
 
 def test_built_quantized_without_random_draws(hf_dir, random_draws):  # noqa: F811

@@ -73,6 +73,11 @@ class LazyTensor:
         return len(self.shape)
 
     @property
+    def reads_rows(self):
+        """Whether `tensor[start:stop]` reads only those rows."""
+        return self._read_rows is not None
+
+    @property
     def size(self):
         return int(np.prod(self.shape, dtype=np.int64))
 
@@ -237,17 +242,17 @@ def assign_backbone_weights(backbone, tensors, source):
     for path in paths:
         _, array = tensors.pop(path)
         variable = variables[path]
-        if isinstance(array, LazyTensor):
-            array = array.read()
         if path in targets:
-            target = targets[path]
-            values = quantize_tensor(target, host_copy(array, target.float_dtype))
+            # Lazy as it is: an embedding is read a slice of rows at a time.
+            values = quantize_tensor(targets[path], array)
             del array
             for name, value in values.items():
                 _release(all_variables[name])
                 all_variables[name].assign(backend_tensor(value))
             del values
             continue
+        if isinstance(array, LazyTensor):
+            array = array.read()
         _release(variable)
         tensor = backend_tensor(host_copy(array, variable.dtype))
         # The host array goes before `assign` makes the variable's copy (on

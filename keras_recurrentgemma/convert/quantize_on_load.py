@@ -233,21 +233,34 @@ def quantize_tensor(target, array):
     embedding, columns of a Dense kernel), so every slice quantizes
     independently and the pieces are exactly the whole's.
 
+    An embedding's rows are read a slice at a time when `array` can read
+    rows alone (a `common.LazyTensor` of a safetensors file, an h5py
+    dataset), so the whole float table (1.2 GiB for the 2B, 2 GiB for the
+    9B) is never in memory. A Dense kernel, sliced by columns, is read whole.
+
     Args:
         target: a `QuantizedTarget`.
-        array: numpy array of `target.float_shape` in `target.float_dtype`.
+        array: the float tensor, `target.float_shape`, any float dtype
+            (each slice is cast to `target.float_dtype`): a numpy array,
+            a `LazyTensor` or an h5py dataset.
 
     Returns:
         `{variable path: numpy array}` for every variable of the layer but
         its bias.
     """
+    from keras_recurrentgemma.convert.common import host_copy
+
     layer = target.layer
     mode = layer.quantization_mode
-    rows, cols = target.float_shape
     axis = 0 if isinstance(layer, keras.layers.Embedding) else 1
+    if axis == 1 or not _reads_rows(array):
+        array = array.read() if hasattr(array, "read") else np.asarray(array)
     length = target.float_shape[axis]
     other = target.float_shape[1 - axis]
-    step = max(2, _SLICE_BYTES // max(1, other * array.dtype.itemsize))
+    itemsize = max(
+        np.dtype(array.dtype).itemsize, np.dtype(target.float_dtype).itemsize
+    )
+    step = max(2, _SLICE_BYTES // max(1, other * itemsize))
     step -= step % 2  # int4 packs pairs along a Dense kernel's columns
     outputs = {
         name: np.empty(tuple(v.shape), keras.backend.standardize_dtype(v.dtype))
@@ -255,12 +268,11 @@ def quantize_tensor(target, array):
     }
     offsets = dict.fromkeys(outputs, 0)
     for start in range(0, length, step):
-        index = (
-            (slice(start, start + step),)
-            if axis == 0
-            else (slice(None), slice(start, start + step))
-        )
-        piece = array[index]
+        rows = slice(start, start + step)
+        piece = array[rows] if axis == 0 else array[:, rows]
+        if hasattr(piece, "read"):  # a LazyTensor's rows, read now
+            piece = piece.read()
+        piece = host_copy(piece, target.float_dtype)
         proxy = _proxy(target, *piece.shape)
         next(v for v in proxy.weights).assign(piece)
         with _no_collect():
@@ -276,6 +288,13 @@ def quantize_tensor(target, array):
             _place(full, values[name], offsets, name, layer.path)
         del proxy, values
     return {f"{layer.path}/{name}": value for name, value in outputs.items()}
+
+
+def _reads_rows(array):
+    """Whether `array[a:b]` reads rows `a:b` only (not a numpy array)."""
+    if isinstance(array, np.ndarray):
+        return False
+    return bool(getattr(array, "reads_rows", True))
 
 
 def _place(full, part, offsets, name, where):
@@ -345,8 +364,6 @@ def loading_float_weights(backbone):
 
 
 def _load_float_variables(target, store):
-    from keras_recurrentgemma.convert.common import host_copy
-
     layer = target.layer
     names = [
         name
@@ -370,7 +387,6 @@ def _load_float_variables(target, store):
                     f"{tuple(array.shape)} in the weights file, but the model "
                     f"needs {target.float_shape}."
                 )
-            array = host_copy(array, target.float_dtype)
             _assign(variables, quantize_tensor(target, array))
         else:
             raise ValueError(
