@@ -29,10 +29,20 @@ FORMATS = {
     "tf_saved_model": ("tensorflow", "jax"),
     "litert": ("tensorflow",),
 }
+# Formats a backend cannot trace itself: the model is saved as a preset and
+# exported by a subprocess on a backend that can. JAX has no ONNX path
+# (tf2onnx needs jax2tf's non-native lowering, which JAX removed).
+VIA_BACKEND = {"onnx": {"jax": "torch"}}
 METADATA_FILE = "generation.json"
 TOKENIZER_FILE = "tokenizer.model"
 FORMAT_VERSION = 1
 DEFAULT_PREFILL_LENGTH = 32
+
+
+def writers(format):
+    """The backends `export_for_generation` writes `format` from: its own
+    tracers (`FORMATS`), then those that hand it over (`VIA_BACKEND`)."""
+    return FORMATS[format] + tuple(VIA_BACKEND.get(format, ()))
 
 
 def check_format(format, backend):
@@ -41,8 +51,8 @@ def check_format(format, backend):
         raise ValueError(
             f"Unknown export format {format!r}; use one of {sorted(FORMATS)}."
         )
-    if backend not in FORMATS[format]:
-        can = " or ".join(FORMATS[format])
+    if backend not in writers(format):
+        can = " or ".join(writers(format))
         raise ValueError(
             f"format={format!r} cannot be exported from the {backend!r} "
             f"backend; use {can} (set KERAS_BACKEND before importing Keras)."
@@ -67,7 +77,8 @@ def export_for_generation(
         causal_lm: `RecurrentGemmaCausalLM` with a preprocessor (for the
             tokenizer), float32 weights.
         path: str. Output directory.
-        format: str. `"onnx"` (from torch or tensorflow),
+        format: str. `"onnx"` (from torch or tensorflow; from jax through
+            a torch subprocess, see `VIA_BACKEND`),
             `"tf_saved_model"` (tensorflow, jax) or `"litert"` (tensorflow).
         overwrite: bool. Replace an existing `path`. Defaults to `False`.
         prefill_length: int. Tokens per `prefill` call (`c`). Defaults to 32.
@@ -106,6 +117,11 @@ def export_for_generation(
             f"{backbone.compute_dtype!r}. Load it with dtype='float32'."
         )
     progress = progress or (lambda step: None)
+    via = VIA_BACKEND.get(format, {}).get(keras.config.backend())
+    if via is not None:
+        _export_on(via, causal_lm, path, format, overwrite, prefill_length)
+        progress(METADATA_FILE)
+        return path
     layout = state_layout(backbone)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -131,6 +147,34 @@ def export_for_generation(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _export_on(backend, causal_lm, path, format, overwrite, prefill_length):
+    """Exports through `python -m keras_recurrentgemma export` on `backend`.
+
+    The model goes over as a float32 preset in a temporary directory (LoRA
+    merged, as `save_to_preset` does); the subprocess stages and renames
+    `path` itself, so a failure leaves nothing there.
+    """
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="keras_recurrentgemma_export_") as tmp:
+        preset = os.path.join(tmp, "preset")
+        causal_lm.save_to_preset(preset)
+        command = [sys.executable, "-m", "keras_recurrentgemma", "export", preset]
+        command += [os.path.abspath(path), "--format", format, "--backend", backend]
+        command += ["--prefill-length", str(prefill_length)]
+        if overwrite:
+            command.append("--overwrite")
+        env = {**os.environ, "KERAS_BACKEND": backend}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise RuntimeError(
+            f"Exporting {format!r} through the {backend!r} backend (JAX cannot "
+            f"trace to {format}) failed: " + "\n".join(lines[-8:])
+        )
 
 
 def _write_format(format, backbone, directory, layout, chunk, progress):
