@@ -96,7 +96,7 @@ class RecurrentGemmaCausalLM(
     _load_preset = staticmethod(preset_loader.load_task)
 
     def export_for_generation(
-        self, path, format="onnx", overwrite=False, prefill_length=32
+        self, path, format="onnx", overwrite=False, prefill_length=32, quantize=None
     ):
         """Writes a generation artifact that runs without Keras.
 
@@ -105,7 +105,8 @@ class RecurrentGemmaCausalLM(
         `keras_recurrentgemma.serving.load_exported(path)` runs it. `format`
         is `"onnx"` (torch, tensorflow), `"tf_saved_model"` (tensorflow,
         jax) or `"litert"` (tensorflow); `prefill_length` is the prompt chunk
-        per `prefill` call. See `keras_recurrentgemma.export`.
+        per `prefill` call; `quantize="int8"` (ONNX) stores the weight
+        matrices as int8. See `keras_recurrentgemma.export`.
 
         Raises:
             ValueError: for an unknown format, one this backend cannot write
@@ -120,6 +121,7 @@ class RecurrentGemmaCausalLM(
             format=format,
             overwrite=overwrite,
             prefill_length=prefill_length,
+            quantize=quantize,
         )
 
     def __init__(

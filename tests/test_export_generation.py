@@ -19,6 +19,8 @@ from keras_recurrentgemma.export import FORMATS
 from keras_recurrentgemma.export import export_for_generation
 from keras_recurrentgemma.export import writers
 from tests.models import tiny_causal_lm
+from tests.tolerances import ONNX_INT8
+from tests.tolerances import relative_error
 
 BACKEND = keras.config.backend()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +127,58 @@ def test_runtime_generates_like_generate(format, tmp_path):
         want = expected[row, len(prompt) :].tolist()
         assert got["ids"][row][: len(want)] == want, row
         assert got["streamed"][row] == got["ids"][row][:3]
+
+
+def test_onnx_int8_weights_stay_close_to_float(tmp_path):
+    # The shipped (trained) model: a tiny random one has logits too flat for
+    # a relative error to mean anything. The int8 pass rewrites the ONNX
+    # files whichever backend wrote them, so one backend's export suffices
+    # (torch's, the quickest; the others' are tested above).
+    if BACKEND != "torch":
+        pytest.skip("int8 ONNX is tested on torch's export")
+    supported("onnx")
+    onnx = pytest.importorskip("onnx")
+    from keras_recurrentgemma import RecurrentGemmaCausalLM
+    from keras_recurrentgemma.serving import load_exported
+
+    causal_lm = RecurrentGemmaCausalLM.from_preset("griffin_tiny_pydocs_en")
+    path = tmp_path / "int8"
+    causal_lm.export_for_generation(path, format="onnx", quantize="int8")
+    assert json.loads((path / "generation.json").read_text())["weights"] == "int8"
+    # Every matrix product with a weight went int8: none is left in float.
+    graph = onnx.load(str(path / "decode_step.onnx")).graph
+    assert "MatMulInteger" in {node.op_type for node in graph.node}
+    floats = {
+        t.name
+        for t in graph.initializer
+        if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
+    }
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    assert not [n for n in matmuls if floats & set(n.input)]
+
+    # Teacher-forced through the runtime (the state carries any error
+    # along) against the float model's logits at every position.
+    generator = load_exported(str(path))
+    (ids,) = generator.tokenize(["def read_file(path):\n    with open(path) as f:"])
+    expected = keras.ops.convert_to_numpy(causal_lm.score(np.array([ids], "int32")))[0]
+    logits, state = generator.prefill([ids[:1]])
+    got = [logits[0]]
+    for token in ids[1:]:
+        logits, state = generator.decode_step([token], state)
+        got.append(logits[0])
+    assert relative_error(np.stack(got), expected) < ONNX_INT8
+    assert np.mean(np.stack(got).argmax(-1) == expected.argmax(-1)) >= 0.9
+
+
+def test_quantize_is_for_onnx_only(tmp_path):
+    causal_lm = tiny_causal_lm()
+    with pytest.raises(ValueError, match="'int8' with format='onnx'"):
+        causal_lm.export_for_generation(
+            tmp_path / "a", format="tf_saved_model", quantize="int8"
+        )
+    with pytest.raises(ValueError, match="quantize='int4'"):
+        causal_lm.export_for_generation(tmp_path / "a", quantize="int4")
+    assert not os.listdir(tmp_path)
 
 
 def test_unknown_format_and_other_backends(tmp_path):

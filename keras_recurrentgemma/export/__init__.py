@@ -66,6 +66,7 @@ def export_for_generation(
     overwrite=False,
     prefill_length=DEFAULT_PREFILL_LENGTH,
     progress=None,
+    quantize=None,
 ):
     """Writes a generation artifact of `causal_lm` to the directory `path`.
 
@@ -83,6 +84,9 @@ def export_for_generation(
         overwrite: bool. Replace an existing `path`. Defaults to `False`.
         prefill_length: int. Tokens per `prefill` call (`c`). Defaults to 32.
         progress: optional `fn(str)`, called after each written part.
+        quantize: `None`, or `"int8"` for ONNX: weight matrices stored as
+            int8 with float scales by onnxruntime's dynamic quantization
+            (`export/onnx_int8.py`); activations and the state stay float32.
 
     Raises:
         ValueError: for an unknown format, one this backend cannot write
@@ -95,6 +99,11 @@ def export_for_generation(
     from keras_recurrentgemma.export.endpoints import reference_scan
     from keras_recurrentgemma.export.endpoints import state_layout
 
+    if quantize not in (None, "int8") or (quantize and format != "onnx"):
+        raise ValueError(
+            f"`quantize` can be None, or 'int8' with format='onnx'; got "
+            f"quantize={quantize!r} with format={format!r}."
+        )
     check_format(format, keras.config.backend())
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
@@ -119,7 +128,7 @@ def export_for_generation(
     progress = progress or (lambda step: None)
     via = VIA_BACKEND.get(format, {}).get(keras.config.backend())
     if via is not None:
-        _export_on(via, causal_lm, path, format, overwrite, prefill_length)
+        _export_on(via, causal_lm, path, format, overwrite, prefill_length, quantize)
         progress(METADATA_FILE)
         return path
     layout = state_layout(backbone)
@@ -133,11 +142,17 @@ def export_for_generation(
             files = _write_format(
                 format, backbone, staging, layout, prefill_length, progress
             )
+        if quantize == "int8":
+            from keras_recurrentgemma.export.onnx_int8 import quantize_files
+
+            quantize_files(staging, sorted(set(files.values())))
+            progress("int8 weights")
         with open(os.path.join(staging, TOKENIZER_FILE), "wb") as f:
             f.write(_proto_bytes(tokenizer))
         metadata = _metadata(
             causal_lm, tokenizer, format, files, layout, prefill_length
         )
+        metadata["weights"] = quantize or "float32"
         with open(os.path.join(staging, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
         progress(METADATA_FILE)
@@ -149,7 +164,7 @@ def export_for_generation(
     return path
 
 
-def _export_on(backend, causal_lm, path, format, overwrite, prefill_length):
+def _export_on(backend, causal_lm, path, format, overwrite, prefill_length, quantize):
     """Exports through `python -m keras_recurrentgemma export` on `backend`.
 
     The model goes over as a float32 preset in a temporary directory (LoRA
@@ -167,6 +182,8 @@ def _export_on(backend, causal_lm, path, format, overwrite, prefill_length):
         command += ["--prefill-length", str(prefill_length)]
         if overwrite:
             command.append("--overwrite")
+        if quantize:
+            command += ["--quantize", quantize]
         env = {**os.environ, "KERAS_BACKEND": backend}
         result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:

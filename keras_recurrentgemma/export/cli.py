@@ -44,6 +44,11 @@ def build_parser():
         "that can write the format).",
     )
     parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        help="ONNX only: int8 weight matrices (onnxruntime dynamic quantization).",
+    )
+    parser.add_argument(
         "--prefill-length",
         type=int,
         default=32,
@@ -77,7 +82,7 @@ def main(argv=None):
         return 2
     from tqdm.auto import tqdm
 
-    steps = 2 if args.format == "transformers" else 4
+    steps = 2 if args.format == "transformers" else 4 + bool(args.quantize)
     with tqdm(total=steps, desc="loading " + args.preset, unit="step") as bar:
         try:
             return _export(args, out, bar)
@@ -88,6 +93,8 @@ def main(argv=None):
 
 
 def _export(args, out, bar):
+    if args.quantize and args.format != "onnx":
+        raise ValueError(f"--quantize applies to --format onnx, not {args.format}.")
     if args.format != "transformers":
         # Checked before the (slow) load.
         import keras
@@ -119,6 +126,7 @@ def _export(args, out, bar):
             overwrite=args.overwrite,
             prefill_length=args.prefill_length,
             progress=progress,
+            quantize=args.quantize,
         )
     bar.set_description("exported " + out)
     print(f"Exported {args.preset} as {args.format} to {out}")
