@@ -5,46 +5,37 @@
     python tools/benchmark_vs_gemma.py --plot --from-json docs/X.json  # redraw
 
 The RecurrentGemma report's Figure 1: from a 2K-token prompt, RecurrentGemma-2B
-samples at a flat rate as the number of generated tokens grows, while
-Gemma-2B slows down, because Gemma's KV cache grows and Griffin's state
-(a recurrence plus a local-attention window) does not.
+samples at a flat rate as the output grows while Gemma-2B slows down (Gemma's
+KV cache grows; Griffin's recurrence and local-attention window do not).
+`GemmaCausalLM` (KerasHub) and ours, random weights, same backend, dtype and
+batch, greedy, no stop token; each model in a fresh process (its peaks its
+own), through every length, shortest first. Measured, per generated length N
+(`max_length` = `--prompt-length` + N):
 
-Two causal LMs with random weights, `GemmaCausalLM` (KerasHub) and
-`RecurrentGemmaCausalLM` (ours), same backend, dtype and batch, greedy, no
-stop token, are measured by one run. Each model runs in a fresh process
-(so that its peaks are its own), through every length, shortest first:
+- `sampling[]`: `generate_s`, the median of `--repeats` timed `generate`
+  calls after an untimed one that compiles (`compile_and_first_s`);
+  `first_token_s`, the same call (same shapes) stopped after one token by
+  `stop_token_ids` = the tokens greedy picks first. `ms_per_token` =
+  (generate_s - first_token_s) / (N - 1), one sampling step, prompt excluded;
+  `sampling_tokens_per_s` = batch / that (the paper's throughput);
+  `tokens_per_s` = batch * N / generate_s, prompt included. KerasHub's Gemma
+  runs the whole `max_length` buffer to fill its cache and attends over all of
+  it at every step; ours keeps a window and absorbs the prompt in one chunk of
+  min(max_length, `prefill_chunk_size` = 1024) columns where the graph is
+  compiled (JAX, TensorFlow), the prompt's only on torch. Both as they ship.
+- `memory[]`, per total length: the peak of the first timed `generate`
+  (compilation excluded), absolute and over the memory just before it: RSS on
+  a CPU (`VmHWM` reset first), device memory on a GPU. Shorter lengths ran
+  before in the same process, and allocators keep freed pages: read the
+  absolute peak.
+- `prefill`: batch * prompt / time of a one-token `generate`.
 
-- `sampling[]`, per generated length `N` in `--lengths` (prompt
-  `--prompt-length`, `max_length` = prompt + N):
-  `generate_s`, the median of `--repeats` timed `generate` calls after one
-  untimed call that compiles (`compile_and_first_s`); `first_token_s`, the
-  same call (same `max_length`, same cache shapes) stopped after its first
-  token with `stop_token_ids` set to the tokens greedy picks first: the
-  prompt's processing plus one step. `ms_per_token` =
-  (generate_s - first_token_s) / (N - 1): the time of one sampling step at
-  that length, prompt excluded; `sampling_tokens_per_s` = batch / that
-  (the paper's throughput); `tokens_per_s` = batch * N / generate_s, what a
-  user waits for, prompt included.
-  KerasHub's Gemma fills its cache by running the whole `max_length` buffer
-  (prompt and the empty slots after it) and attends over all of it at every
-  step; ours absorbs the prompt only and keeps a window. Both are measured
-  as they ship.
-- `memory[]`, per total length (prompt + N): the peak during the first
-  timed `generate` of that length (after the untimed call compiled it),
-  absolute and over the memory just before it: resident memory (RSS) on a
-  CPU, with `VmHWM` reset first; device memory in use on a GPU. Earlier,
-  shorter lengths ran in the same process, so read the absolute peak; an
-  allocator that keeps freed pages makes the part over the baseline small.
-- `prefill`: prompt tokens/s of a `generate` of one token from the prompt
-  (batch * prompt / time), both models.
-
-`--config cpu` is the released pair scaled by 1/8 in both depth and width
-(so each keeps its depth-to-width ratio) with the released vocabulary and
-a window of 2048 / 16 = 128, prompt 256, out to 16 windows generated.
-`--config 2b` is the released pair (Gemma-2B from KerasHub's `gemma_2b_en`
-config, RecurrentGemma-2B from the official one) in bfloat16, for a GPU.
-`--config tiny` is the CI smoke setting. Floats are rounded; times are
-seconds unless named `_ms`.
+`--config cpu`: the released pair scaled by 1/8 in depth and width (each keeps
+its depth-to-width ratio), the released vocabulary, window 2048 / 16 = 128,
+prompt 256, out to 16 windows. `--config 2b`: the released pair (Gemma-2B as
+KerasHub's `gemma_2b_en`, RecurrentGemma-2B as the official config), bfloat16,
+for a GPU. `--config tiny`: the CI smoke setting. Times are in seconds unless
+named `_ms`.
 """
 
 import argparse
@@ -60,29 +51,42 @@ import time
 import numpy as np
 
 TOOLS = pathlib.Path(__file__).resolve().parent
+# Helpers shared with the other benchmarks (this folder is not a package).
+sys.path.insert(0, str(TOOLS))
 DOCS = TOOLS.parent / "docs"
 GRIFFIN = ["recurrent", "recurrent", "attention"]
 
+
+def gemma(vocabulary, layers, heads, width, mlp, head_width):
+    """A `GemmaBackbone` config; multi-query attention, as in Gemma-2B."""
+    return dict(
+        vocabulary_size=vocabulary,
+        num_layers=layers,
+        num_query_heads=heads,
+        num_key_value_heads=1,
+        hidden_dim=width,
+        intermediate_dim=mlp,  # KerasHub's counts both MLP branches.
+        head_dim=head_width,
+    )
+
+
+def ours(vocabulary, width, mlp, heads, blocks, window):
+    """A `RecurrentGemmaBackbone` config (`mlp`: one branch's width)."""
+    return dict(
+        vocabulary_size=vocabulary,
+        hidden_dim=width,
+        intermediate_dim=mlp,
+        num_heads=heads,
+        lru_width=width,
+        block_types=blocks,
+        attention_window_size=window,
+    )
+
+
 CONFIGS = {
     "2b": dict(
-        gemma=dict(
-            vocabulary_size=256_000,
-            num_layers=18,
-            num_query_heads=8,
-            num_key_value_heads=1,
-            hidden_dim=2048,
-            intermediate_dim=32768,  # KerasHub counts both MLP branches.
-            head_dim=256,
-        ),
-        ours=dict(
-            vocabulary_size=256_000,
-            hidden_dim=2560,
-            intermediate_dim=3 * 2560,
-            num_heads=10,
-            lru_width=2560,
-            block_types=(GRIFFIN * 9)[:26],
-            attention_window_size=2048,
-        ),
+        gemma=gemma(256_000, 18, 8, 2048, 32768, 256),
+        ours=ours(256_000, 2560, 7680, 10, (GRIFFIN * 9)[:26], 2048),
         prompt_length=2048,
         lengths=[256, 1024, 4096, 8192, 16384, 32768],
         batch=1,
@@ -93,48 +97,16 @@ CONFIGS = {
     # 2048 / 16, so that 16 windows (2048 tokens) are generated in minutes on
     # a busy 2-core machine.
     "cpu": dict(
-        gemma=dict(
-            vocabulary_size=256_000,
-            num_layers=2,
-            num_query_heads=8,
-            num_key_value_heads=1,
-            hidden_dim=256,
-            intermediate_dim=4096,
-            head_dim=32,
-        ),
-        ours=dict(
-            vocabulary_size=256_000,
-            hidden_dim=320,
-            intermediate_dim=960,
-            num_heads=10,
-            lru_width=320,
-            block_types=GRIFFIN,
-            attention_window_size=128,
-        ),
+        gemma=gemma(256_000, 2, 8, 256, 4096, 32),
+        ours=ours(256_000, 320, 960, 10, GRIFFIN, 128),
         prompt_length=256,
         lengths=[128, 512, 2048],
         batch=1,
         dtype="float32",
     ),
     "tiny": dict(
-        gemma=dict(
-            vocabulary_size=512,
-            num_layers=1,
-            num_query_heads=2,
-            num_key_value_heads=1,
-            hidden_dim=32,
-            intermediate_dim=128,
-            head_dim=16,
-        ),
-        ours=dict(
-            vocabulary_size=512,
-            hidden_dim=32,
-            intermediate_dim=64,
-            num_heads=2,
-            lru_width=32,
-            block_types=GRIFFIN,
-            attention_window_size=8,
-        ),
+        gemma=gemma(512, 1, 2, 32, 128, 16),
+        ours=ours(512, 32, 64, 2, GRIFFIN, 8),
         prompt_length=16,
         lengths=[4, 8],
         batch=1,
@@ -166,71 +138,32 @@ def build(model, config, dtype, seed):
     return lm
 
 
-def accelerator():
+def with_peak_memory(kind, call):
+    """`(call(), memory record)`: RSS on a CPU, device memory on a GPU."""
     import keras
+    from benchmark_generate import _device_peak
+    from benchmark_generate import _reset_device_peak
+    from benchmark_long_prefill import RssMonitor
+    from benchmark_long_prefill import _status_bytes
 
     backend = keras.config.backend()
-    if backend == "jax":
-        import jax
-
-        return "gpu" if jax.devices()[0].platform == "gpu" else "cpu"
-    if backend == "torch":
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    import tensorflow as tf
-
-    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
-
-
-class PeakMemory:
-    """Peak memory of one call: RSS on a CPU, device memory on a GPU."""
-
-    def __init__(self, kind):
-        self.kind = kind
-
-    def __enter__(self):
-        import keras
-
-        sys.path.insert(0, str(TOOLS))
-        if self.kind == "cpu":
-            from benchmark_long_prefill import RssMonitor
-            from benchmark_long_prefill import _status_bytes
-
-            self.baseline = _status_bytes("VmRSS")
-            self._monitor = RssMonitor()
-            self._monitor.start()
-        else:
-            from benchmark_generate import _reset_device_peak
-
-            self.baseline = _reset_device_peak(keras.config.backend())
-        return self
-
-    def __exit__(self, *exc):
-        import keras
-
-        if self.kind == "cpu":
-            self.peak, _ = self._monitor.stop()
-            self.measure = f"peak RSS ({self._monitor.method})"
-        else:
-            from benchmark_generate import _device_peak
-
-            self.peak = _device_peak(keras.config.backend())
-            self.measure = "peak device memory in use"
-
-
-def synchronize():
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    except ImportError:
-        pass
+    if kind == "cpu":
+        baseline, monitor = _status_bytes("VmRSS"), RssMonitor()
+        monitor.start()
+        result = call()
+        peak, measure = monitor.stop()[0], f"peak RSS ({monitor.method})"
+    else:
+        baseline = _reset_device_peak(backend)
+        result = call()
+        peak, measure = _device_peak(backend), "peak device memory in use"
+    memory = dict(measure=measure, peak_bytes=int(peak), baseline_bytes=int(baseline))
+    memory["peak_over_baseline_bytes"] = int(peak - baseline)
+    return result, memory
 
 
 def generate(lm, prompt, new_tokens, stop_token_ids=None):
     """`(seconds, [batch, new_tokens] ids, count of new tokens per row)`."""
+    from benchmark_generate import synchronize
     from keras import ops
 
     b, p = prompt.shape
@@ -252,12 +185,15 @@ def generate(lm, prompt, new_tokens, stop_token_ids=None):
 
 def measure_model(args):
     """Times one model at every length, shortest first; the child's records."""
+    import keras
+    from benchmark_generate import accelerator
+
     config = CONFIGS[args.config]
     lm = build(args.child_model, config, args.dtype, args.seed)
     vocab = config["ours"]["vocabulary_size"]
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(3, vocab, (args.batch, args.prompt_length)).astype("int32")
-    kind = accelerator()
+    kind = accelerator(keras.config.backend())
     records = []
     for n in [1, *args.lengths]:
         records.append(measure_length(lm, prompt, n, kind, args.repeats))
@@ -275,18 +211,12 @@ def measure_length(lm, prompt, n, kind, repeats):
     record["compile_and_first_s"], tokens, _ = generate(lm, prompt, n)
     # After the call above compiled this shape, so that compilation's memory
     # is not counted; the reset makes the peak this call's own.
-    with PeakMemory(kind) as memory:
-        times = [generate(lm, prompt, n)[0]]
-    times += [generate(lm, prompt, n)[0] for _ in range(repeats - 1)]
+    (first, _, _), memory = with_peak_memory(kind, lambda: generate(lm, prompt, n))
+    times = [first] + [generate(lm, prompt, n)[0] for _ in range(repeats - 1)]
     record.update(
         times_s=[round(t, 4) for t in times],
         generate_s=round(statistics.median(times), 4),
-        memory=dict(
-            measure=memory.measure,
-            peak_bytes=int(memory.peak),
-            baseline_bytes=int(memory.baseline),
-            peak_over_baseline_bytes=int(memory.peak - memory.baseline),
-        ),
+        memory=memory,
     )
     if n > 1:
         # Greedy picks these again, so the loop ends after one step; a new
@@ -343,6 +273,8 @@ def summarize(children, args):
 
 
 def run(args, argv):
+    from benchmark_generate import versions
+
     # One fresh process per model, so each peak is that model's alone; the
     # lengths run shortest first inside it.
     children = {m: run_child(argv, m) for m in MODELS}
@@ -364,20 +296,8 @@ def run(args, argv):
         "sampling": sampling,
         "memory": memory,
         "prefill": prefill,
-        "versions": versions(),
+        "versions": versions(),  # benchmark_generate's
     }
-
-
-def versions():
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("keras", "keras-hub", "jax", "tensorflow", "torch"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 # --- The plot ----------------------------------------------------------------
@@ -453,16 +373,9 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=pathlib.Path, help="also write the JSON")
-    parser.add_argument(
-        "--plot",
-        nargs="?",
-        const="",
-        type=str,
-        help="draw a PNG (default docs/benchmark_vs_gemma_<config>_<backend>.png)",
-    )
-    parser.add_argument(
-        "--from-json", type=pathlib.Path, help="redraw a saved run; measure nothing"
-    )
+    # A PNG; with no path, docs/benchmark_vs_gemma_<config>_<backend>.png.
+    parser.add_argument("--plot", nargs="?", const="")
+    parser.add_argument("--from-json", type=pathlib.Path, help="redraw; no run")
     parser.add_argument("--child-model", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = CONFIGS[args.config]
@@ -485,6 +398,10 @@ def main(argv=None):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     if args.child_model:
+        # Its import loads Triton, where installed, before anything loads
+        # TensorFlow: the other order aborts in LLVM (see its comment).
+        import benchmark_generate  # noqa: F401
+
         print(json.dumps(measure_model(args)))
         return None
     if args.from_json:
