@@ -171,34 +171,10 @@ def test_hf_tokenizer_ids_equal_ours(vocabulary, tmp_path):
 def test_gemma_style_vocabulary_uses_transformers_gemma_tokenizer(tmp_path):
     # The released vocabulary is BPE with Gemma's settings: transformers'
     # own Gemma converter reads `tokenizer.model`, as in the released repos.
-    import io
+    from tests.vocab import tiny_proto
 
-    import sentencepiece as spm
-
-    from tests.vocab import TEXT
-
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT * 4),
-        model_writer=proto,
-        vocab_size=400,
-        model_type="bpe",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        minloglevel=2,
-    )
-    tokenizer = RecurrentGemmaTokenizer(proto=proto.getvalue())
+    proto = tiny_proto(turn_markers=False, model_type="bpe")
+    tokenizer = RecurrentGemmaTokenizer(proto=proto)
     export_to_transformers(tokenizer, tmp_path / "tok")
     with open(tmp_path / "tok" / "tokenizer_config.json") as f:
         assert json.load(f)["tokenizer_class"] == "GemmaTokenizer"

@@ -24,17 +24,18 @@ TEXT = [
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_proto(vocab_size=400, turn_markers=True):
+def tiny_proto(vocab_size=400, turn_markers=True, model_type="unigram"):
     """Serialized SentencePiece bytes: unigram, byte fallback, <= `vocab_size`.
 
-    `turn_markers=False` leaves out `<start_of_turn>` and `<end_of_turn>`.
+    `turn_markers=False` leaves out `<start_of_turn>` and `<end_of_turn>`;
+    `model_type="bpe"` trains the released vocabulary's kind.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(TEXT * 4),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="unigram",
+        model_type=model_type,
         pad_id=0,
         eos_id=1,
         bos_id=2,
