@@ -108,7 +108,7 @@ def test_task_generates_and_matches(hf_dir):
 # slicing is checked by `test_slicing_changes_nothing`.
 @pytest.mark.parametrize("mode", ["int4"])
 def test_embedding_is_read_a_slice_of_rows_at_a_time(hf_dir, mode, monkeypatch):
-    from keras_recurrentgemma.convert import huggingface
+    from keras_recurrentgemma.convert import safetensors_reader
 
     # Where the embedding's bytes start and end in the file.
     filename = os.path.join(hf_dir, "model.safetensors")
@@ -119,14 +119,14 @@ def test_embedding_is_read_a_slice_of_rows_at_a_time(hf_dir, mode, monkeypatch):
         8 + size + n for n in header["model.embed_tokens.weight"]["data_offsets"]
     )
     reads = []
-    read = huggingface._read
+    read = safetensors_reader._read
 
     def recording_read(filename, dtype, offset, shape):
         if begin <= offset < end:
             reads.append(tuple(shape))
         return read(filename, dtype, offset, shape)
 
-    monkeypatch.setattr(huggingface, "_read", recording_read)
+    monkeypatch.setattr(safetensors_reader, "_read", recording_read)
     reference = quantized_after_loading(hf_dir, mode)
     vocabulary, hidden = reference.token_embedding.embeddings.shape
     # Slices of 40 rows: several per table, the last one short.

@@ -17,6 +17,7 @@ import pytest
 from keras_recurrentgemma import RecurrentGemmaBackbone
 from keras_recurrentgemma.convert import common
 from keras_recurrentgemma.convert import huggingface
+from keras_recurrentgemma.convert import safetensors_reader
 from keras_recurrentgemma.layers.initialization import skip_random_initialization
 from tests.models import assert_same_weights
 from tests.models import write_tiny_hf_checkpoint
@@ -84,7 +85,7 @@ def test_keras_preset_load_draws_no_random_numbers(random_draws, hf_dir, tmp_pat
 
 def test_hf_load_holds_one_tensor_at_a_time(monkeypatch, hf_dir):
     """Each tensor's map is gone before the next one is opened."""
-    original = huggingface._read
+    original = safetensors_reader._read
     alive, peak, opened = set(), [0], []
 
     def tracked(*args, **kwargs):
@@ -96,7 +97,7 @@ def test_hf_load_holds_one_tensor_at_a_time(monkeypatch, hf_dir):
         weakref.finalize(array, alive.discard, key)
         return array
 
-    monkeypatch.setattr(huggingface, "_read", tracked)
+    monkeypatch.setattr(safetensors_reader, "_read", tracked)
     backbone = RecurrentGemmaBackbone.from_preset(hf_dir)
     assert len(opened) == len(backbone.weights)
     assert peak[0] == 1
@@ -124,9 +125,11 @@ def test_headers_are_checked_before_any_data_is_read(monkeypatch, hf_dir, tmp_pa
     path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
 
     reads = []
-    original = huggingface._read
+    original = safetensors_reader._read
     monkeypatch.setattr(
-        huggingface, "_read", lambda *a, **k: reads.append(a) or original(*a, **k)
+        safetensors_reader,
+        "_read",
+        lambda *a, **k: reads.append(a) or original(*a, **k),
     )
     with pytest.raises(ValueError, match=key):
         RecurrentGemmaBackbone.from_preset(str(bad))
@@ -134,7 +137,7 @@ def test_headers_are_checked_before_any_data_is_read(monkeypatch, hf_dir, tmp_pa
 
 
 def test_bfloat16_checkpoint_loads_bit_for_bit(hf_dir):
-    tensors = huggingface.read_checkpoint_tensors(hf_dir)
+    tensors = safetensors_reader.read_checkpoint_tensors(hf_dir)
     backbone = RecurrentGemmaBackbone.from_preset(hf_dir, dtype="bfloat16")
     expected = np.asarray(tensors["model.embed_tokens.weight"]).astype(
         ml_dtypes.bfloat16
