@@ -2,8 +2,8 @@
 
 A checkpoint is a directory as `RecurrentGemmaForCausalLM.save_pretrained`
 writes it: `config.json` plus `model.safetensors`, or shards listed in
-`model.safetensors.index.json`. Tensors are read with the `safetensors`
-package into numpy, so loading needs neither torch nor transformers.
+`model.safetensors.index.json`. Tensors are read lazily into numpy by
+`safetensors_reader`, so loading needs neither torch nor transformers.
 """
 
 import itertools

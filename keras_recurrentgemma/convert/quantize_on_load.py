@@ -9,7 +9,9 @@ Each float tensor read from the checkpoint is then quantized by Keras's own
 axis Keras's per-channel scales never cross, and the integer values and
 scales are assigned. The result is bit for bit the model that loading in
 float and calling `quantize(mode)` gives, and the peak host memory is the
-quantized model plus one float tensor plus one slice's temporaries.
+quantized model plus one float kernel (the embedding, the largest tensor,
+is read a slice of rows at a time where the source allows) plus one
+slice's temporaries.
 """
 
 import contextlib
