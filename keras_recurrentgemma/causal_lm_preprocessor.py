@@ -10,6 +10,7 @@ from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.backbone import RecurrentGemmaBackbone
 from keras_recurrentgemma.preset_mixin import AssetPresetMixin
 from keras_recurrentgemma.tokenizer import RecurrentGemmaTokenizer
+from keras_recurrentgemma.utils.lists import one_or_more
 
 
 def _row_lengths(token_ids):
@@ -134,11 +135,7 @@ class RecurrentGemmaCausalLMPreprocessor(AssetPresetMixin, CausalLMPreprocessor)
         """
         length = self.sequence_length if sequence_length is None else sequence_length
         _check_length(length, "sequence_length")
-        if isinstance(documents, str):
-            documents = [documents]
-        documents = list(documents)
-        if not documents:
-            raise ValueError("`pack` got no documents.")
+        documents = one_or_more(documents, "documents", "pass at least one document")
         tokenizer = self.tokenizer
         pieces = []
         for ids in _as_lists(tokenizer(documents)):

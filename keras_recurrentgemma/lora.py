@@ -32,6 +32,8 @@ import keras
 import numpy as np
 from keras_hub.models import Backbone
 
+from keras_recurrentgemma.utils.lists import one_or_more
+
 # Attention query and value projections, and the recurrent block's two input
 # projections (the Conv1D/RG-LRU branch and the gate branch).
 DEFAULT_LORA_TARGETS = ("proj_q", "proj_v", "linear_x", "linear_y")
@@ -90,11 +92,9 @@ def check_rank(rank):
 
 
 def check_target_names(backbone, target_layer_names):
-    if isinstance(target_layer_names, str):
-        target_layer_names = [target_layer_names]
-    names = list(target_layer_names)
-    if not names:
-        raise ValueError("`target_layer_names` is empty: name at least one layer.")
+    names = one_or_more(
+        target_layer_names, "target_layer_names", "name at least one layer"
+    )
     valid = lora_layer_names(backbone)
     unknown = [name for name in names if name not in valid]
     if unknown:

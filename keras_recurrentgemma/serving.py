@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from keras_recurrentgemma.utils.lists import one_or_more
+
 SAMPLERS = ("greedy", "top_k", "top_p")
 
 
@@ -179,11 +181,7 @@ class ExportedGenerator:
         return texts[0] if single else texts
 
     def _prompt_ids(self, prompts):
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("`prompts` is empty; pass at least one prompt.")
+        prompts = one_or_more(prompts, "prompts", "pass at least one prompt")
         if all(isinstance(x, str) for x in prompts):
             return self.tokenize(prompts)
         vocab = self.metadata["vocabulary_size"]

@@ -46,6 +46,23 @@ def test_forward_shape_and_num_layers(name):
     assert np.all(np.isfinite(logits_of(backbone, inputs)))
 
 
+def test_block_configs_hold_every_constructor_argument():
+    # `StoredConfig`: what a block is built with is what it serializes, so
+    # a block rebuilt from its config is built the same way.
+    import inspect
+
+    config = TINY_CONFIGS["griffin"]
+    backbone = RecurrentGemmaBackbone(**{**config, "remat": 1})
+    for block in backbone.residual_blocks:
+        for layer in (block, block.temporal_block, block.mlp_block):
+            layer_config = layer.get_config()
+            arguments = inspect.signature(type(layer).__init__).parameters
+            expected = {n for n in arguments if n not in ("self", "kwargs")}
+            assert expected <= set(layer_config), type(layer).__name__
+            clone = type(layer).from_config(layer_config)
+            assert clone.get_config() == layer_config
+        assert block.remat is True
+
 def test_config_round_trip_gives_same_outputs():
     config = TINY_CONFIGS["griffin"]
     backbone = RecurrentGemmaBackbone(**config)

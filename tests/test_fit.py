@@ -82,7 +82,7 @@ def test_pack_keeps_documents_whole_and_labels_inside_them():
 
 def test_pack_bad_input():
     preprocessor = tiny_causal_lm("hawk").preprocessor
-    with pytest.raises(ValueError, match="no documents"):
+    with pytest.raises(ValueError, match="`documents` is empty"):
         preprocessor.pack([])
     with pytest.raises(ValueError, match="sequence_length.*positive"):
         preprocessor.pack(["a"], sequence_length=0)

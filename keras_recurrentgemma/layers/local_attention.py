@@ -8,6 +8,7 @@ from keras import ops
 from keras_recurrentgemma.layers.conv1d import document_ids
 from keras_recurrentgemma.layers.conv1d import last_real_index
 from keras_recurrentgemma.layers.dense import fan_in_dense
+from keras_recurrentgemma.layers.stored_config import StoredConfig
 
 # Masked logits take this value, as in the official model; it is finite so a
 # fully masked row gives a uniform softmax rather than NaN.
@@ -108,7 +109,7 @@ class AttentionBlockCache(NamedTuple):
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
-class LocalAttentionBlock(keras.layers.Layer):
+class LocalAttentionBlock(StoredConfig, keras.layers.Layer):
     """Local multi-query attention with one shared key/value head.
 
         q = x W_q,  k = x W_k,  v = x W_v          (no biases)
@@ -138,6 +139,14 @@ class LocalAttentionBlock(keras.layers.Layer):
         row's last real token.
     """
 
+    CONFIG = (
+        "hidden_dim",
+        "num_heads",
+        "attention_window_size",
+        "rope_max_wavelength",
+        "final_w_init_variance_scale",
+    )
+
     def __init__(
         self,
         hidden_dim,
@@ -152,12 +161,8 @@ class LocalAttentionBlock(keras.layers.Layer):
             raise ValueError(
                 f"hidden_dim={hidden_dim} is not divisible by num_heads={num_heads}."
             )
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
+        self.store_config(locals())
         self.head_dim = hidden_dim // num_heads
-        self.attention_window_size = attention_window_size
-        self.rope_max_wavelength = rope_max_wavelength
-        self.final_w_init_variance_scale = final_w_init_variance_scale
 
         policy = self.dtype_policy
         self.proj_q = fan_in_dense(hidden_dim, "proj_q", policy, use_bias=False)
@@ -259,13 +264,3 @@ class LocalAttentionBlock(keras.layers.Layer):
             keras.KerasTensor((b, w, k), dtype=self.compute_dtype),
             keras.KerasTensor((b, w), dtype="int32"),
         )
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "hidden_dim": self.hidden_dim,
-            "num_heads": self.num_heads,
-            "attention_window_size": self.attention_window_size,
-            "rope_max_wavelength": self.rope_max_wavelength,
-            "final_w_init_variance_scale": self.final_w_init_variance_scale,
-        }

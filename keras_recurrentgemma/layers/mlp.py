@@ -4,10 +4,11 @@ import keras
 from keras import ops
 
 from keras_recurrentgemma.layers.dense import fan_in_dense
+from keras_recurrentgemma.layers.stored_config import StoredConfig
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
-class MLPBlock(keras.layers.Layer):
+class MLPBlock(StoredConfig, keras.layers.Layer):
     """Gated feed-forward block.
 
         y = (gelu_tanh(x W_gate + b_gate) ⊙ (x W_up + b_up)) W_down + b_down
@@ -28,13 +29,13 @@ class MLPBlock(keras.layers.Layer):
         Tensor `[b, t, d]`.
     """
 
+    CONFIG = ("hidden_dim", "intermediate_dim", "final_w_init_variance_scale")
+
     def __init__(
         self, hidden_dim, intermediate_dim, final_w_init_variance_scale=1.0, **kwargs
     ):
         super().__init__(**kwargs)
-        self.hidden_dim = hidden_dim
-        self.intermediate_dim = intermediate_dim
-        self.final_w_init_variance_scale = final_w_init_variance_scale
+        self.store_config(locals())
         policy = self.dtype_policy
         self.ffw_gate = fan_in_dense(intermediate_dim, "ffw_gate", policy)
         self.ffw_up = fan_in_dense(intermediate_dim, "ffw_up", policy)
@@ -54,11 +55,3 @@ class MLPBlock(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "hidden_dim": self.hidden_dim,
-            "intermediate_dim": self.intermediate_dim,
-            "final_w_init_variance_scale": self.final_w_init_variance_scale,
-        }

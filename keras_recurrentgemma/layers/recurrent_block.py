@@ -8,6 +8,7 @@ from keras import ops
 from keras_recurrentgemma.layers.conv1d import Conv1D
 from keras_recurrentgemma.layers.dense import fan_in_dense
 from keras_recurrentgemma.layers.rg_lru import RGLRU
+from keras_recurrentgemma.layers.stored_config import StoredConfig
 
 
 class RecurrentBlockCache(NamedTuple):
@@ -24,7 +25,7 @@ class RecurrentBlockCache(NamedTuple):
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
-class RecurrentBlock(keras.layers.Layer):
+class RecurrentBlock(StoredConfig, keras.layers.Layer):
     """Gated branch times a Conv1D → RG-LRU branch.
 
         y = gelu_tanh(x W_y + b_y)
@@ -52,6 +53,15 @@ class RecurrentBlock(keras.layers.Layer):
         each row's last real token.
     """
 
+    CONFIG = (
+        "hidden_dim",
+        "lru_width",
+        "num_heads",
+        "conv1d_temporal_width",
+        "final_w_init_variance_scale",
+        "scan_implementation",
+    )
+
     def __init__(
         self,
         hidden_dim,
@@ -66,12 +76,7 @@ class RecurrentBlock(keras.layers.Layer):
         # to a bfloat16/float16 compute dtype at every generation step.
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
-        self.hidden_dim = hidden_dim
-        self.lru_width = lru_width
-        self.num_heads = num_heads
-        self.conv1d_temporal_width = conv1d_temporal_width
-        self.final_w_init_variance_scale = final_w_init_variance_scale
-        self.scan_implementation = scan_implementation
+        self.store_config(locals())
         policy = self.dtype_policy
         self.linear_y = fan_in_dense(lru_width, "linear_y", policy)
         self.linear_x = fan_in_dense(lru_width, "linear_x", policy)
@@ -119,14 +124,3 @@ class RecurrentBlock(keras.layers.Layer):
             keras.KerasTensor((b, self.lru_width), dtype="float32"),
             keras.KerasTensor((b, k - 1, self.lru_width), dtype=self.compute_dtype),
         )
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "hidden_dim": self.hidden_dim,
-            "lru_width": self.lru_width,
-            "num_heads": self.num_heads,
-            "conv1d_temporal_width": self.conv1d_temporal_width,
-            "final_w_init_variance_scale": self.final_w_init_variance_scale,
-            "scan_implementation": self.scan_implementation,
-        }

@@ -7,6 +7,7 @@ from keras_recurrentgemma.layers.local_attention import LocalAttentionBlock
 from keras_recurrentgemma.layers.mlp import MLPBlock
 from keras_recurrentgemma.layers.recurrent_block import RecurrentBlock
 from keras_recurrentgemma.layers.rms_normalization import RMSNormalization
+from keras_recurrentgemma.layers.stored_config import StoredConfig
 
 BLOCK_TYPES = ("recurrent", "attention")
 
@@ -23,7 +24,7 @@ def residual_stream_dtype(compute_dtype):
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
-class ResidualBlock(keras.layers.Layer):
+class ResidualBlock(StoredConfig, keras.layers.Layer):
     """One Griffin layer.
 
         r = temporal_block(RMSNorm(x)) + x
@@ -64,6 +65,21 @@ class ResidualBlock(keras.layers.Layer):
         generation step.
     """
 
+    CONFIG = (
+        "block_type",
+        "hidden_dim",
+        "intermediate_dim",
+        "num_heads",
+        "lru_width",
+        "attention_window_size",
+        "conv1d_temporal_width",
+        "layer_norm_epsilon",
+        "rope_max_wavelength",
+        "final_w_init_variance_scale",
+        "scan_implementation",
+        "remat",
+    )
+
     def __init__(
         self,
         block_type,
@@ -84,22 +100,12 @@ class ResidualBlock(keras.layers.Layer):
         # policy, and the RG-LRU state in `cache` is float32 always.
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
-        self.remat = bool(remat)
         if block_type not in BLOCK_TYPES:
             raise ValueError(
                 f"Unknown block_type {block_type!r}; expected one of {BLOCK_TYPES}."
             )
-        self.block_type = block_type
-        self.hidden_dim = hidden_dim
-        self.intermediate_dim = intermediate_dim
-        self.num_heads = num_heads
-        self.lru_width = lru_width
-        self.attention_window_size = attention_window_size
-        self.conv1d_temporal_width = conv1d_temporal_width
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.rope_max_wavelength = rope_max_wavelength
-        self.final_w_init_variance_scale = final_w_init_variance_scale
-        self.scan_implementation = scan_implementation
+        self.store_config(locals())
+        self.remat = bool(remat)
 
         policy = self.dtype_policy
         self.temporal_pre_norm = RMSNormalization(
@@ -175,20 +181,3 @@ class ResidualBlock(keras.layers.Layer):
     def compute_output_spec(self, x, segment_pos, cache=None):
         _, cache_spec = self.temporal_block.compute_output_spec(x, segment_pos, cache)
         return keras.KerasTensor(x.shape, dtype=self.residual_dtype), cache_spec
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "block_type": self.block_type,
-            "hidden_dim": self.hidden_dim,
-            "intermediate_dim": self.intermediate_dim,
-            "num_heads": self.num_heads,
-            "lru_width": self.lru_width,
-            "attention_window_size": self.attention_window_size,
-            "conv1d_temporal_width": self.conv1d_temporal_width,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "rope_max_wavelength": self.rope_max_wavelength,
-            "final_w_init_variance_scale": self.final_w_init_variance_scale,
-            "scan_implementation": self.scan_implementation,
-            "remat": self.remat,
-        }
