@@ -8,6 +8,7 @@ the `[batch, seq, vocab]` logits are never held. Also loss scaling for pure
 float16 and `fit`'s warnings.
 """
 
+import sys
 import warnings
 
 import keras
@@ -90,9 +91,47 @@ class TrainingMixin:
                 "`backbone.enable_lora(rank)`, whose factors are float32.",
                 stacklevel=2,
             )
+        args, kwargs, distribution = _shard_across_processes(args, kwargs)
         with warnings.catch_warnings():
             if "shuffle" not in kwargs:
                 warnings.filterwarnings(
                     "ignore", message="`shuffle=True` was passed, but will be ignored"
                 )
-            return super().fit(*args, **kwargs)
+            try:
+                return super().fit(*args, **kwargs)
+            finally:
+                if distribution is not None:
+                    distribution.auto_shard_dataset = True
+
+
+def _shard_across_processes(args, kwargs):
+    """Gives this process its share of a `tf.data` dataset before KerasHub's
+    pipeline sees it.
+
+    Under a multi-process `keras.distribution`, Keras shards the dataset
+    `fit` gets by reading its batch size from the dataset's graph. KerasHub
+    maps its preprocessing over the dataset first, after which that size is
+    unknown and Keras refuses. So the user's dataset is sharded here, while
+    its batch size is still readable, and Keras is told not to shard again
+    for this call.
+
+    Returns:
+        `(args, kwargs, distribution)`: `distribution` is the one whose
+        `auto_shard_dataset` was turned off (to turn back on), else `None`.
+    """
+    distribution = keras.distribution.distribution()
+    tf = sys.modules.get("tensorflow")  # Not imported: `x` is no tf dataset.
+    if distribution is None or tf is None or not distribution.auto_shard_dataset:
+        return args, kwargs, None
+    x = args[0] if args else kwargs.get("x")
+    if not isinstance(x, tf.data.Dataset):
+        return args, kwargs, None
+    sharded = distribution.distribute_dataset(x)
+    if sharded is x:  # One process: nothing to split.
+        return args, kwargs, None
+    if args:
+        args = (sharded, *args[1:])
+    else:
+        kwargs = {**kwargs, "x": sharded}
+    distribution.auto_shard_dataset = False
+    return args, kwargs, distribution

@@ -161,16 +161,14 @@ def run_worker(out_dir, port, process_id, num_processes):
     by_id = {d.id: d for d in jax.devices()}
     for name in DISTRIBUTIONS:
         distribution = make_distribution(name)
-        # This process's share of each global batch. `fit` cannot shard it
-        # itself: the causal LM maps its preprocessing over the dataset, after
-        # which `tf.data` no longer knows the batch size that Keras' sharding
-        # reads, so shard first and tell `fit` not to shard again.
-        local_dataset = distribution.distribute_dataset(global_dataset())
-        distribution.auto_shard_dataset = False
-        local_x = next(iter(local_dataset))[0]
+        # `fit` gets the global dataset, as a user passes it, and shards it
+        # with the distribution's own `distribute_dataset` before KerasHub's
+        # preprocessing (training.py); `local_x` is the share that gives.
+        local_x = next(iter(distribution.distribute_dataset(global_dataset())))[0]
         with distribution.scope():
             model = lora_causal_lm()
-            loss = fit(model, local_dataset)
+            loss = fit(model, global_dataset())
+        assert distribution.auto_shard_dataset, "fit left sharding off"
         mesh = distribution.device_mesh
         report = {
             "num_processes": jax.process_count(),
