@@ -15,6 +15,7 @@ from keras_recurrentgemma.layers import RMSNormalization
 from keras_recurrentgemma.layers import SegmentPositions
 from keras_recurrentgemma.layers.dense import check_quantization_mode
 from keras_recurrentgemma.layers.dense import quantizable_layers
+from keras_recurrentgemma.layers.dense import resolve_policies
 from keras_recurrentgemma.layers.embedding import ReversibleEmbedding
 from keras_recurrentgemma.layers.initialization import initializer
 from keras_recurrentgemma.layers.lora_state import merged_weights_only
@@ -225,6 +226,9 @@ class RecurrentGemmaBackbone(ModelPresetMixin, Backbone):
         self.rope_max_wavelength = rope_max_wavelength
         self.scan_implementation = scan_implementation
         self.remat = bool(remat)
+        # Built under a per-layer `DTypePolicyMap` (a quantized preset or
+        # `.keras` file): each layer takes its own entry, or it cannot save.
+        resolve_policies(self)
 
     def forward_with_caches(
         self, token_ids, segment_pos, caches=None, layer_intercept_fn=None

@@ -77,11 +77,6 @@ class KerasFormatLoader(preset_utils.KerasPresetLoader):
             self._quantize_on_load = False
         if plan is not None:
             return plan.finish(backbone)
-        if isinstance(backbone.dtype_policy, keras.dtype_policies.DTypePolicyMap):
-            from keras_recurrentgemma.convert import quantize_on_load
-
-            # A quantized preset: saving it again needs per-layer policies.
-            quantize_on_load.resolve_policies(backbone)
         return backbone
 
     def _quantized_plan(self, cls, quantize, kwargs, path):

@@ -276,6 +276,14 @@ def test_keras_file_round_trip(pair, token_ids, tmp_path):
     np.testing.assert_array_equal(
         logits(loaded, token_ids), logits(quantized, token_ids)
     )
+    # A model loaded from a quantized file saves again, to either format
+    # (its layers are rebuilt under the saved `DTypePolicyMap`).
+    loaded.save(str(tmp_path / "again.keras"))
+    loaded.save_to_preset(str(tmp_path / "again_preset"))
+    again = RecurrentGemmaCausalLM.from_preset(str(tmp_path / "again_preset"))
+    np.testing.assert_array_equal(
+        logits(again, token_ids), logits(quantized, token_ids)
+    )
 
 
 def test_backbone_quantize_also_takes_the_embedding():

@@ -95,8 +95,8 @@ class QuantizedPlan:
         return policies
 
     def finish(self, backbone):
-        """Gives the built model's quantized layers `quantize`'s settings."""
-        resolve_policies(backbone)
+        """Gives the built model's quantized layers `quantize`'s settings
+        (their policies were resolved by the backbone's constructor)."""
         for layer in _layers(backbone):
             planned = self.layers.get(layer.path)
             if planned is None:
@@ -111,25 +111,6 @@ def _layers(model):
     # Keras has no public recursive layer list; `Model.quantize` and
     # KerasHub's `Backbone.get_config` walk the same private one.
     return model._flatten_layers(include_self=False)
-
-
-def resolve_policies(model):
-    """Gives each layer of a model built with a `DTypePolicyMap` its own entry.
-
-    A layer built under the map keeps the whole map as its policy. Keras's
-    `quantization_mode` property looks the layer up in it, but the quantized
-    layers' own save paths (`Embedding._get_embeddings_with_merged_lora` and
-    its Dense twins, Keras 3.14) read `self.dtype_policy.quantization_mode`,
-    which on the map is `None`: they then save a scale of `None` and fail.
-    The model's own policy stays the map, which KerasHub's
-    `Backbone.get_config` serializes. `_dtype_policy` is private; the public
-    setter would write into the shared map instead. Returns `model`.
-    """
-    for layer in _layers(model):
-        policy = layer._dtype_policy
-        if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and layer.path:
-            layer._dtype_policy = policy[layer.path]
-    return model
 
 
 def _policy(layer):

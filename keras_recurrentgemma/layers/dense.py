@@ -111,3 +111,24 @@ def check_quantization_mode(mode, config=None):
             f"quantize(mode={resolved!r}) is not supported for RecurrentGemma; "
             f"use one of {LAYERWISE_MODES}."
         )
+
+
+def resolve_policies(model):
+    """Gives each layer of a model built with a `DTypePolicyMap` its own entry.
+
+    A layer built under the map keeps the whole map as its policy. Keras's
+    `quantization_mode` property looks the layer up in it, but the quantized
+    layers' own save paths (`Embedding._get_embeddings_with_merged_lora` and
+    its Dense twins, Keras 3.14) read `self.dtype_policy.quantization_mode`,
+    which on the map is `None`: they then save a scale of `None` and fail.
+    The model's own policy stays the map, which KerasHub's
+    `Backbone.get_config` serializes. `_dtype_policy` is private; the public
+    setter would write into the shared map instead. The backbone's
+    constructor calls this, so every way of building one (a preset, a
+    `.keras` file, a config) gets it. Returns `model`.
+    """
+    for layer in model._flatten_layers(include_self=False):
+        policy = layer._dtype_policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap) and layer.path:
+            layer._dtype_policy = policy[layer.path]
+    return model
