@@ -21,6 +21,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from keras_recurrentgemma.convert.quantize_on_load import quantize_tensor
 from keras_recurrentgemma.convert.quantize_on_load import quantized_targets
+from keras_recurrentgemma.ops import matmul_layout
 
 # Set by `show_progress()`: converters then report each tensor they load.
 _SHOW_PROGRESS = contextvars.ContextVar("show_progress", default=False)
@@ -254,7 +255,10 @@ def assign_backbone_weights(backbone, tensors, source):
         if isinstance(array, LazyTensor):
             array = array.read()
         _release(variable)
-        tensor = backend_tensor(host_copy(array, variable.dtype))
+        # A column-major kernel (torch on a CPU) takes the transposed view
+        # of an `nn.Linear` weight as it is: one straight copy, no transpose.
+        order = "F" if matmul_layout.stored_column_major(variable) else "C"
+        tensor = backend_tensor(host_copy(array, variable.dtype, order))
         # The host array goes before `assign` makes the variable's copy (on
         # torch the tensor shares it, so nothing is freed early there).
         del array
@@ -328,14 +332,18 @@ def _transpose_2d(array, tile=256):
     return out.view(array.dtype)
 
 
-def host_copy(array, dtype):
+def host_copy(array, dtype, order="C"):
     """`array` as a C-contiguous, writable numpy array in `dtype`.
 
     At most one copy, none for a freshly read tensor already in `dtype`:
     a transposed view, another dtype, or a read-only (memory-mapped) array
     is copied once. Backends may alias the array they are given, so a
-    read-only map is never handed over as is.
+    read-only map is never handed over as is. `order="F"` gives a
+    Fortran-ordered (column-major) array by the same rules: none for the
+    transposed view of a freshly read tensor.
     """
+    if order == "F":
+        return host_copy(np.asarray(array).T, dtype).T
     array = np.asarray(array)
     dtype = np.dtype(dtype)
     if array.ndim == 2 and array.flags.f_contiguous and not array.flags.c_contiguous:

@@ -9,6 +9,7 @@ from keras_hub.layers import ReversibleEmbedding
 from keras_recurrentgemma.layers import embedding
 from keras_recurrentgemma.layers.initialization import initializer
 from keras_recurrentgemma.layers.lora_state import LoRAStateMixin
+from keras_recurrentgemma.ops.matmul_layout import column_major
 
 
 # Named like its parent so that weights files and error messages read as
@@ -23,7 +24,15 @@ class Dense(LoRAStateMixin, keras.layers.Dense):
     loading it into a LoRA model resumes training exactly, where Keras would
     merge the factors into the kernel and zero them. The merged kernel stays
     the file's first entry, as Keras writes it. See `lora_state`.
+
+    A float kernel is created in the layout the backend multiplies fastest
+    (`ops.matmul_layout`); its shape and values are Keras's.
     """
+
+    def add_weight(self, *args, **kwargs):
+        if kwargs.get("name") == "kernel" and "initializer" in kwargs:
+            kwargs["initializer"] = column_major(kwargs["initializer"])
+        return super().add_weight(*args, **kwargs)
 
 
 # Keras has integer kernels for exactly these classes and refuses subclasses

@@ -235,9 +235,16 @@ class LocalAttentionBlock(StoredConfig, keras.layers.Layer):
             ops.equal(ops.take_along_axis(segment_pos, col_c, axis=1), p),
         )
         from_chunk = ops.logical_and(from_chunk, has_real[:, None])
-        gather_idx = ops.broadcast_to(col_c[:, :, None], (b, w, hd))
-        new_k = ops.take_along_axis(k, gather_idx, axis=1)
-        new_v = ops.take_along_axis(v, gather_idx, axis=1)
+        # Row `col_c` of each batch row's chunk, taken from the flattened
+        # `[b·t, hd]` chunk: an index per slot (`[b·w]`), not one per element
+        # as `take_along_axis` would need (`[b, w, hd]`, rebuilt every step).
+        rows = ops.reshape(col_c + ops.arange(b, dtype="int32")[:, None] * t, (-1,))
+        new_k = ops.reshape(
+            ops.take(ops.reshape(k, (-1, hd)), rows, axis=0), (b, w, hd)
+        )
+        new_v = ops.reshape(
+            ops.take(ops.reshape(v, (-1, hd)), rows, axis=0), (b, w, hd)
+        )
         if cache is None:
             cache = self.initial_cache(b)
         # The last token's document started in this chunk: older slots are
