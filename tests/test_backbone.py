@@ -63,6 +63,7 @@ def test_block_configs_hold_every_constructor_argument():
             assert clone.get_config() == layer_config
         assert block.remat is True
 
+
 def test_config_round_trip_gives_same_outputs():
     config = TINY_CONFIGS["griffin"]
     backbone = RecurrentGemmaBackbone(**config)

@@ -1,6 +1,6 @@
 """Dense kernels are stored in the layout the backend multiplies fastest.
 
-On torch on a CPU a float kernel is column-major (`ops.matmul_layout`): the
+On torch on a CPU a bfloat16 kernel is column-major (`ops.matmul_layout`): the
 same shape and values, a faster decode product. Everything a user sees must
 be unchanged: values after loading, configs, saving, LoRA and quantization.
 `tools/benchmark_real_size.py` measures the speed at the released size.
@@ -30,7 +30,7 @@ def dense_layers(backbone):
     ]
 
 
-def test_float_kernels_are_column_major_on_torch_only():
+def test_bfloat16_kernels_are_column_major_on_torch_only():
     backbone = RecurrentGemmaBackbone(**TINY_CONFIGS["griffin"], dtype="bfloat16")
     layers = dense_layers(backbone)
     assert layers
@@ -45,6 +45,13 @@ def test_float_kernels_are_column_major_on_torch_only():
     kernel.assign(np.ones(kernel.shape, "float32"))
     assert matmul_layout.stored_column_major(kernel) is TORCH
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernel), 1)
+
+
+def test_float32_kernels_keep_keras_layout():
+    # Row-major is torch's faster float32 layout (see `ops.matmul_layout`).
+    backbone = RecurrentGemmaBackbone(**TINY_CONFIGS["griffin"], dtype="float32")
+    for layer in dense_layers(backbone):
+        assert not matmul_layout.stored_column_major(layer.kernel), layer.path
 
 
 def test_quantized_kernels_keep_keras_layout():

@@ -8,30 +8,33 @@ row by row than when the same `[i, o]` tensor is stored column by column
 this project's CPUs for the 2B's `[2560, 7680]`, `[7680, 2560]` and
 `[2560, 2560]` kernels, 2.9 / 3.3 / 1.0 ms against 2.0 / 2.0 / 0.7 ms.
 
-So on torch on a CPU a float kernel is created column-major. Its shape,
-values, checkpoints and every Keras API are unchanged: torch keeps a
-parameter's layout through `assign` (an in-place `copy_`), so only the
-memory order differs. JAX and TensorFlow choose their own layouts and are
-left alone, as are integer (quantized) kernels.
+In float32 it is the other way round (one row of `x` times a `[256, 768]`
+kernel: 8.5 us row by row, 16 us column by column; the 2B's `[2560, 7680]`:
+4.3 ms against 6.6 ms). So on torch on a CPU a bfloat16 kernel is created
+column-major, and every other kernel as Keras makes it. Its shape, values,
+checkpoints and every Keras API are unchanged: torch keeps a parameter's
+layout through `assign` (an in-place `copy_`), so only the memory order
+differs. JAX and TensorFlow choose their own layouts and are left alone, as
+are integer (quantized) kernels.
 """
 
 import keras
 
 
 def column_major(initializer):
-    """`initializer` (a callable `(shape, dtype)`), its 2-D float values
+    """`initializer` (a callable `(shape, dtype)`), its 2-D bfloat16 values
     stored column-major on torch on a CPU."""
     if keras.config.backend() != "torch":
         return initializer
+    import torch
+
     initializer = keras.initializers.get(initializer)
 
     def initialize(shape, dtype=None):
         value = initializer(shape, dtype=dtype)
-        if (
-            len(shape) != 2
-            or not value.is_floating_point()
-            or value.device.type != "cpu"
-        ):
+        if len(shape) != 2 or value.dtype != torch.bfloat16:
+            return value
+        if value.device.type != "cpu":
             return value
         return value.T.contiguous().T
 
