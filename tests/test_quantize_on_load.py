@@ -28,6 +28,18 @@ from tests.models import write_tiny_hf_checkpoint
 from tests.test_streaming_load import random_draws  # noqa: F401 (fixture)
 
 MODES = ("int8", "int4")
+# Run by default on torch only (the quickest suite), on the other backends
+# with --run_large: what these tests add to the int8 ones on every backend is
+# numpy-side (int4 packing, row slicing, the task loader), not backend code.
+TORCH = keras.config.backend() == "torch"
+INT4 = pytest.param("int4", marks=[] if TORCH else [pytest.mark.large])
+
+
+def torch_by_default(test):
+    """Runs `test` by default on torch; on the other backends, --run_large."""
+    return test if TORCH else pytest.mark.large(test)
+
+
 IDS = np.array([[2, 17, 42, 7, 99, 5, 60, 61]], "int32")
 
 
@@ -58,7 +70,7 @@ def quantized_after_loading(preset, mode, dtype="bfloat16"):
     return backbone
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["int8", INT4])
 def test_hf_equals_load_then_quantize(hf_dir, mode):
     reference = quantized_after_loading(hf_dir, mode)
     loaded = RecurrentGemmaBackbone.from_preset(hf_dir, dtype="bfloat16", quantize=mode)
@@ -91,6 +103,9 @@ def test_keras_preset_equals_load_then_quantize(keras_preset, mode):
     np.testing.assert_array_equal(logits(loaded), logits(reference))
 
 
+# Generating with a quantized model is tested on every backend by
+# tests/test_quantize.py; this adds the task loader's path to it.
+@torch_by_default
 def test_task_generates_and_matches(hf_dir):
     reference = RecurrentGemmaCausalLM.from_preset(hf_dir, dtype="bfloat16")
     reference.quantize("int8")
@@ -106,7 +121,7 @@ def test_task_generates_and_matches(hf_dir):
 
 # int4 only (the mode whose packing a wrong slice would break); int8's
 # slicing is checked by `test_slicing_changes_nothing`.
-@pytest.mark.parametrize("mode", ["int4"])
+@pytest.mark.parametrize("mode", [INT4])
 def test_embedding_is_read_a_slice_of_rows_at_a_time(hf_dir, mode, monkeypatch):
     from keras_recurrentgemma.convert import safetensors_reader
 
