@@ -25,8 +25,9 @@ class Dense(LoRAStateMixin, keras.layers.Dense):
     merge the factors into the kernel and zero them. The merged kernel stays
     the file's first entry, as Keras writes it. See `lora_state`.
 
-    A float kernel is created in the layout the backend multiplies fastest
-    (`ops.matmul_layout`); its shape and values are Keras's.
+    On torch on a CPU a bfloat16 kernel is stored column-major, the layout
+    torch multiplies fastest there (`ops.matmul_layout`); its shape and
+    values are Keras's.
     """
 
     def add_weight(self, *args, **kwargs):

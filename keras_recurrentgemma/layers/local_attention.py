@@ -239,12 +239,11 @@ class LocalAttentionBlock(StoredConfig, keras.layers.Layer):
         # `[b·t, hd]` chunk: an index per slot (`[b·w]`), not one per element
         # as `take_along_axis` would need (`[b, w, hd]`, rebuilt every step).
         rows = ops.reshape(col_c + ops.arange(b, dtype="int32")[:, None] * t, (-1,))
-        new_k = ops.reshape(
-            ops.take(ops.reshape(k, (-1, hd)), rows, axis=0), (b, w, hd)
-        )
-        new_v = ops.reshape(
-            ops.take(ops.reshape(v, (-1, hd)), rows, axis=0), (b, w, hd)
-        )
+
+        def slot_rows(x):
+            return ops.reshape(ops.take(ops.reshape(x, (-1, hd)), rows, 0), (b, w, hd))
+
+        new_k, new_v = slot_rows(k), slot_rows(v)
         if cache is None:
             cache = self.initial_cache(b)
         # The last token's document started in this chunk: older slots are
