@@ -114,9 +114,11 @@ REFERENCE_RUNNER = {"float32": {"rtol": 0, "atol": 1e-6}}
 # overflowed before the cap gives inf, NaN or ±30 instead.
 SOFT_CAP = {"float16": {"atol": 0.05}}
 
-# A LoRA model's scores after `save_to_preset` merged the factors
-# (tests/test_presets.py): `x @ (k + a b)` against `x @ k + (x @ a) @ b`,
-# float32 sums in another order through the whole model.
+# A LoRA model (which applies its factors unmerged, `x @ k + (x @ a) @ b`)
+# against the same weights merged into one kernel, `x @ (k + a b)`, as a
+# whole-model save or a weights file's merged entry holds them
+# (tests/test_presets.py, tests/test_resume_lora.py): float32 sums in
+# another order through the whole model.
 LORA_MERGED = {"float32": {"rtol": 1e-4, "atol": 1e-4}}
 
 # The int8 model with a soft cap of 1 against `tanh` of the uncapped int8

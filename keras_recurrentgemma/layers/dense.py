@@ -35,6 +35,38 @@ class Dense(LoRAStateMixin, keras.layers.Dense):
             kwargs["initializer"] = column_major(kwargs["initializer"])
         return super().add_weight(*args, **kwargs)
 
+    def call(self, inputs, training=None):
+        """Keras's float call; with LoRA on, the factors applied unmerged:
+
+            y = x W + (α / r) · (x A) B        x: [..., i], A: [i, r], B: [r, o]
+
+        Keras's float call multiplies by its `kernel` property, which
+        builds `W + (α / r) · A B`: a new `[i, o]` tensor in every call,
+        which the backward pass then keeps for each target layer until the
+        gradients are done (at the 2B: a second copy of every target
+        kernel, plus its `[i, o]` gradient, in each training step). This
+        keeps only `x A` (`[..., r]`), as Keras's own quantized LoRA call
+        does. Equal to Keras's up to rounding: the sum is taken after the
+        products, not before.
+        """
+        if not self.lora_enabled:
+            return super().call(inputs, training=training)
+        outputs = keras.ops.matmul(inputs, self._kernel)
+        low_rank = keras.ops.matmul(
+            keras.ops.matmul(inputs, self.lora_kernel_a), self.lora_kernel_b
+        )
+        # The factors may be float32 under a 16-bit kernel; like Keras's
+        # merged kernel, their term is cast to the output's dtype.
+        low_rank = keras.ops.cast(
+            low_rank * (self.lora_alpha / self.lora_rank), outputs.dtype
+        )
+        outputs = keras.ops.add(outputs, low_rank)
+        if self.bias is not None:
+            outputs = keras.ops.add(outputs, self.bias)
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
+
 
 # Keras has integer kernels for exactly these classes and refuses subclasses
 # (their `call` could read the float kernel); our `Dense` changes only how
