@@ -13,6 +13,9 @@ measurement in a fresh process and prints one JSON report:
 - `--quantize int8|int4`: our loads quantize tensor by tensor as they
   read (the embedding a slice of rows at a time), against the loading bound
   applied to the quantized weights (1.3 x them + 1.5 GiB);
+- `--lora BACKEND...`: one LoRA `fit` step of the checkpoint per backend
+  (rank 4, batch 1, `--lora-tokens` tokens, bf16 weights; `--remat` for
+  `remat=True`): its peak host memory, against weights + 3 GiB, and time;
 - `--parity` (2B): float32 logits of ours (JAX) against HF's on the same
   checkpoint over `--parity-tokens` tokens inside the window (relative
   error, the largest |difference| over the largest |logit|), and the first
@@ -20,7 +23,7 @@ measurement in a fresh process and prints one JSON report:
 
 The bounds the numbers are read against (issue 18): loading within 1.3 x the
 weights + 1.5 GiB and 4x HF's time; generating within 1.3 x the weights +
-2.5 GiB; decoding no slower than HF.
+2.5 GiB; decoding no slower than HF; a LoRA step within the weights + 3 GiB.
 
     python tools/benchmark_real_size.py --config 2b --parity
     python tools/benchmark_real_size.py --config 9b --backends jax torch \
@@ -124,8 +127,8 @@ def write_checkpoint(name, directory, seed=0):
     config.save_pretrained(directory)
 
 
-def prompt_ids(length, seed=0):
-    return np.random.default_rng(seed).integers(10, 256000, length)
+def prompt_ids(length, seed=0, vocabulary_size=256000):
+    return np.random.default_rng(seed).integers(10, vocabulary_size, length)
 
 
 # --- Children: each runs in a fresh process and prints one JSON line. -------
@@ -253,6 +256,42 @@ def quantized_bound(backbone, mode):
     }
 
 
+def child_lora(args):
+    """One LoRA `fit` step of the loaded checkpoint (rank 4, batch 1,
+    `--lora-tokens` tokens, bf16 weights, Adam): its peak host memory and
+    time. The first step traces (torch builds, JAX compiles); the second is
+    timed too."""
+    import keras
+
+    from keras_recurrentgemma import RecurrentGemmaBackbone
+    from keras_recurrentgemma import RecurrentGemmaCausalLM
+
+    backbone = RecurrentGemmaBackbone.from_preset(
+        args.dir, dtype="bfloat16", remat=args.remat
+    )
+    lm = RecurrentGemmaCausalLM(backbone, preprocessor=None)
+    backbone.enable_lora(4)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-4), weighted_metrics=[])
+    ids = prompt_ids(args.lora_tokens + 1, vocabulary_size=backbone.vocabulary_size)
+    ids = ids[None].astype("int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
+    reset_peak()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        loss = lm.train_on_batch(x, ids[:, 1:])
+        times.append(time.perf_counter() - start)
+    return {
+        "backend": keras.config.backend(),
+        "remat": args.remat,
+        "tokens": args.lora_tokens,
+        "first_step_s": times[0],
+        "step_s": times[1],
+        "step_peak_gib": peak_gib(),
+        "loss": float(np.asarray(loss).ravel()[0]),
+    }
+
+
 def child_convert(args):
     """Writes the Keras preset of the checkpoint (`--out`), as users would."""
     from keras_recurrentgemma import RecurrentGemmaBackbone
@@ -319,7 +358,17 @@ def main():
         help="our loads quantize while loading (`from_preset(..., quantize=)`)",
     )
     parser.add_argument(
-        "--child", choices=["hf", "ours", "convert"], help=argparse.SUPPRESS
+        "--lora",
+        nargs="*",
+        default=[],
+        help="backends that also run one LoRA fit step (rank 4, batch 1)",
+    )
+    parser.add_argument("--lora-tokens", type=int, default=512)
+    parser.add_argument(
+        "--remat", action="store_true", help="the LoRA step with `remat=True`"
+    )
+    parser.add_argument(
+        "--child", choices=["hf", "ours", "convert", "lora"], help=argparse.SUPPRESS
     )
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
@@ -327,7 +376,12 @@ def main():
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child = {"hf": child_hf, "ours": child_ours, "convert": child_convert}
+        child = {
+            "hf": child_hf,
+            "ours": child_ours,
+            "convert": child_convert,
+            "lora": child_lora,
+        }
         print(json.dumps(child[args.child](args)))
         return
 
@@ -346,6 +400,7 @@ def main():
     report["bounds_gib"] = {
         "load": 1.3 * weights_gib + 1.5,
         "generate": 1.3 * weights_gib + 2.5,
+        "lora_step": weights_gib + 3,
     }
     runs = [("hf", None)] + [("ours", b) for b in args.backends]
     for kind, backend in runs:
@@ -362,6 +417,13 @@ def main():
             result = run_child("ours", keras_args, backend)
             report[f"{backend}_keras_preset"] = result
             print(json.dumps({f"{backend}_keras_preset": result}), file=sys.stderr)
+    for backend in args.lora:
+        extra = ("--lora-tokens", str(args.lora_tokens))
+        extra += ("--remat",) if args.remat else ()
+        report[f"{backend}_lora"] = run_child("lora", args, backend, extra)
+        print(
+            json.dumps({f"{backend}_lora": report[f"{backend}_lora"]}), file=sys.stderr
+        )
     hf = report["hf"]
     for backend in args.backends:
         ours = report[backend]
