@@ -104,28 +104,6 @@ def test_hf_load_holds_one_tensor_at_a_time(monkeypatch, hf_dir):
     assert not alive
 
 
-def test_large_tensors_are_assigned_a_slice_of_rows_at_a_time(monkeypatch, hf_dir):
-    """On TensorFlow a tensor over `ROW_SLICE_BYTES` is read and assigned a
-    slice of rows at a time (assigning the whole array held three copies of
-    it); the weights are the same, bit for bit. Other backends take whole
-    arrays without a copy and never slice."""
-    whole = RecurrentGemmaBackbone.from_preset(hf_dir, dtype="bfloat16")
-    original, sliced_paths = common._assign_by_rows, []
-
-    def recorded(variable, array):
-        sliced_paths.append(variable.path)
-        return original(variable, array)
-
-    monkeypatch.setattr(common, "ROW_SLICE_BYTES", 256)
-    monkeypatch.setattr(common, "_assign_by_rows", recorded)
-    sliced = RecurrentGemmaBackbone.from_preset(hf_dir, dtype="bfloat16")
-    assert_same_weights(sliced, whole)
-    if keras.config.backend() == "tensorflow":
-        assert whole.token_embedding.embeddings.path in sliced_paths
-    else:
-        assert sliced_paths == []
-
-
 def test_headers_are_checked_before_any_data_is_read(monkeypatch, hf_dir, tmp_path):
     """A mis-shaped tensor fails from the headers: nothing was read."""
     import json

@@ -252,10 +252,6 @@ def assign_backbone_weights(backbone, tensors, source):
                 all_variables[name].assign(backend_tensor(value))
             del values
             continue
-        if _assigns_by_rows(variable, array):
-            _assign_by_rows(variable, array)
-            del array
-            continue
         if isinstance(array, LazyTensor):
             array = array.read()
         _release(variable)
@@ -268,43 +264,6 @@ def assign_backbone_weights(backbone, tensors, source):
         del array
         variable.assign(tensor)
         del tensor
-
-
-# Rows per slice when a large tensor is assigned a slice at a time: about
-# this many bytes (tests make it small).
-ROW_SLICE_BYTES = 128 * 2**20
-
-
-def _assigns_by_rows(variable, array):
-    """Whether `array` goes into `variable` a slice of rows at a time.
-
-    On TensorFlow, `variable.assign(array)` first converts the whole array
-    to a tensor, then copies that into the variable: with the array read
-    from the file, three copies of the tensor at once. For the released
-    2B's embedding (1.3 GB) that was the load's peak (9.8 GiB, against 7.4
-    once loaded). A `tf.Variable` takes a slice of rows in place, so a large
-    tensor whose rows can be read apart (safetensors, official `.pt`) is
-    read and assigned one slice at a time. The other backends take the
-    array without converting it first (`backend_tensor`).
-    """
-    if keras.config.backend() != "tensorflow" or keras.distribution.distribution():
-        return False
-    if not getattr(array, "reads_rows", False) or len(variable.shape) < 1:
-        return False
-    import tensorflow as tf
-
-    nbytes = array.size * np.dtype(variable.dtype).itemsize
-    return isinstance(variable.value, tf.Variable) and nbytes > ROW_SLICE_BYTES
-
-
-def _assign_by_rows(variable, array):
-    rows = array.shape[0]
-    row_bytes = max(1, array.size // max(rows, 1)) * np.dtype(variable.dtype).itemsize
-    step = max(1, ROW_SLICE_BYTES // row_bytes)
-    target = variable.value
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        target[start:stop].assign(host_copy(array[start:stop].read(), variable.dtype))
 
 
 def _variable_paths(target):
