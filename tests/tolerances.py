@@ -117,7 +117,7 @@ SOFT_CAP = {"float16": {"atol": 0.05}}
 # A LoRA model (which applies its factors unmerged, `x @ k + (x @ a) @ b`)
 # against the same weights merged into one kernel, `x @ (k + a b)`, as a
 # whole-model save or a weights file's merged entry holds them
-# (tests/test_presets.py, tests/test_resume_lora.py): float32 sums in
+# (tests/test_presets.py, test_resume_lora.py, test_examples.py): float32 sums in
 # another order through the whole model.
 LORA_MERGED = {"float32": {"rtol": 1e-4, "atol": 1e-4}}
 
