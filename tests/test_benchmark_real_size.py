@@ -6,29 +6,25 @@ leave out each generate length's one-off compile.
 """
 
 import argparse
-import importlib.util
 import math
 import pathlib
 
 import keras
 
 from tests.models import write_tiny_hf_checkpoint
+from tests.scripts import load_script
 
 TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "benchmark_real_size.py"
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_real_size", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+tool = load_script(TOOL, "benchmark_real_size")
 
 
 def test_lora_step_reports_time_memory_and_a_finite_loss(tmp_path):
     directory = tmp_path / "hf"
     write_tiny_hf_checkpoint(directory)
     args = argparse.Namespace(dir=str(directory), remat=True, lora_tokens=16)
-    report = load_tool().child_lora(args)
+    report = tool.child_lora(args)
     assert report["backend"] == keras.config.backend()
     assert report["remat"] is True and report["tokens"] == 16
     assert report["first_step_s"] > 0 and report["step_s"] > 0
@@ -39,7 +35,6 @@ def test_lora_step_reports_time_memory_and_a_finite_loss(tmp_path):
 def test_decode_time_leaves_out_each_lengths_first_call(monkeypatch):
     # JAX compiles and TensorFlow traces generate once per padded length:
     # both lengths must run once before either is timed.
-    tool = load_tool()
     monkeypatch.setattr(tool, "reset_peak", lambda: None)
     calls = []
     clock = iter(range(100))

@@ -1,6 +1,5 @@
 """`tools/convert_checkpoint.py` on each source format, written by the real tools."""
 
-import importlib.util
 import os
 import pathlib
 import shutil
@@ -15,19 +14,13 @@ from keras_recurrentgemma import RecurrentGemmaCausalLM
 from keras_recurrentgemma.convert.huggingface import backbone_from_huggingface
 from tests.models import assert_same_weights
 from tests.models import write_tiny_hf_checkpoint
+from tests.scripts import load_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "convert_checkpoint.py"
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+tool = load_script(TOOL, "convert_checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.scripts import load_script
 from tests.tolerances import LORA_MERGED
 from tests.tolerances import SELF_CONSISTENCY
 
@@ -43,13 +44,8 @@ NOTEBOOKS_TIMEOUT_S = 900
 
 
 def load_example(name):
-    """The module `examples/{name}.py`; examples/ is not a package."""
-    spec = importlib.util.spec_from_file_location(
-        f"example_{name}", EXAMPLES / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module `examples/{name}.py`."""
+    return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
 
 
 def kernel_env():
