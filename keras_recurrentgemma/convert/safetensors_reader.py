@@ -14,6 +14,7 @@ import struct
 import numpy as np
 
 from keras_recurrentgemma.convert.common import LazyTensor
+from keras_recurrentgemma.utils.host_arrays import aligned_empty
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -33,16 +34,23 @@ def _numpy_dtype(name):
 
 
 def _read(filename, dtype, offset, shape):
-    """One tensor's bytes, read (not mapped) into a fresh array.
+    """One tensor's bytes, read (not mapped) into a fresh aligned array.
 
     A plain read leaves no file pages counted against the process once the
-    array is dropped, and gives an array backends may take without a copy.
+    array is dropped, and gives an array backends may take without a copy
+    (TensorFlow and JAX only take aligned memory as it is).
     """
-    count = int(np.prod(shape, dtype=np.int64))
-    array = np.fromfile(filename, dtype=dtype, count=count, offset=offset)
-    if array.size != count:
-        raise ValueError(f"{filename}: truncated; a tensor ends past the file.")
-    return array.reshape(shape)
+    array = aligned_empty(shape, dtype)
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    with open(filename, "rb") as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise ValueError(f"{filename}: truncated; a tensor ends past the file.")
+            done += n
+    return array
 
 
 def open_safetensors(filename):

@@ -1,0 +1,71 @@
+"""Host arrays that backends take without a copy, and the load placeholders
+built on them (`utils/host_arrays.py`, `layers/initialization.py`)."""
+
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+
+from keras_recurrentgemma.layers.initialization import LoadPlaceholder
+from keras_recurrentgemma.utils import host_arrays
+
+DTYPES = ["float32", "bfloat16", "float16", "int8"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5), (1,), (257, 33), (0, 4)])
+def test_aligned_arrays(shape, dtype):
+    empty = host_arrays.aligned_empty(shape, dtype)
+    zeros = host_arrays.aligned_zeros(shape, dtype)
+    for array in (empty, zeros):
+        assert array.shape == shape
+        assert array.dtype == host_arrays.numpy_dtype(dtype)
+        # An empty array has no data to align (numpy may move its pointer).
+        assert array.size == 0 or array.ctypes.data % host_arrays.ALIGNMENT == 0
+        assert array.flags.c_contiguous and array.flags.writeable
+    assert not np.any(zeros)
+
+
+def test_copy_into_keeps_bits():
+    source = np.array([1.5, -0.0, np.inf, np.nan], ml_dtypes.bfloat16)
+    out = host_arrays.copy_into(host_arrays.aligned_empty((4,), "bfloat16"), source)
+    np.testing.assert_array_equal(out.view(np.uint16), source.view(np.uint16))
+    widened = host_arrays.copy_into(host_arrays.aligned_empty((4,), "float32"), source)
+    np.testing.assert_array_equal(widened, source.astype(np.float32))
+
+
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="TensorFlow")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tensorflow_takes_an_aligned_array_without_a_copy(dtype):
+    array = host_arrays.aligned_empty((64, 48), dtype)
+    array[...] = np.arange(64 * 48).reshape(64, 48)
+    tensor = host_arrays.tensorflow_tensor(array)
+    assert keras.backend.standardize_dtype(tensor.dtype) == dtype
+    # `np.asarray` of an eager tensor shares its buffer.
+    assert np.asarray(tensor).ctypes.data == array.ctypes.data
+    # An unaligned or strided array is copied once, with the same values.
+    for view in (array.reshape(-1)[1:].reshape(-1, 1), array.T):
+        copied = np.asarray(host_arrays.tensorflow_tensor(view))
+        assert copied.ctypes.data != view.ctypes.data
+        np.testing.assert_array_equal(copied, view)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_placeholder_is_zeros(dtype):
+    variable = keras.Variable(LoadPlaceholder(), shape=(6, 7), dtype=dtype)
+    assert keras.backend.standardize_dtype(variable.dtype) == dtype
+    assert not np.any(keras.ops.convert_to_numpy(variable).astype(np.float32))
+    variable.assign(np.ones((6, 7), host_arrays.numpy_dtype(dtype)))
+    assert np.all(keras.ops.convert_to_numpy(variable).astype(np.float32) == 1)
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_takes_an_aligned_array_without_a_copy(dtype):
+    from keras_recurrentgemma.convert import common
+
+    array = host_arrays.aligned_empty((64, 48), dtype)
+    array[...] = np.arange(64 * 48).reshape(64, 48)
+    tensor = common.backend_tensor(array)
+    assert keras.backend.standardize_dtype(tensor.dtype) == dtype
+    assert np.asarray(tensor).ctypes.data == array.ctypes.data
