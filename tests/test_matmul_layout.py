@@ -15,6 +15,7 @@ from keras_recurrentgemma import RecurrentGemmaBackbone
 from keras_recurrentgemma.convert import common
 from keras_recurrentgemma.convert import safetensors_reader
 from keras_recurrentgemma.layers.dense import Dense
+from keras_recurrentgemma.layers.initialization import skip_random_initialization
 from keras_recurrentgemma.ops import matmul_layout
 from tests.conftest import TINY_CONFIGS
 from tests.models import write_tiny_hf_checkpoint
@@ -45,6 +46,24 @@ def test_bfloat16_kernels_are_column_major_on_torch_only():
     kernel.assign(np.ones(kernel.shape, "float32"))
     assert matmul_layout.stored_column_major(kernel) is TORCH
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernel), 1)
+
+
+def test_load_placeholders_are_column_major_without_a_transpose(monkeypatch):
+    """Zeros for a load are made `[o, i]` and viewed transposed: copying
+    them into the layout took half of the 2B's load on torch."""
+    if TORCH:
+        import torch
+
+        def no_copy(self, *args, **kwargs):
+            raise AssertionError("a placeholder was copied into its layout")
+
+        monkeypatch.setattr(torch.Tensor, "contiguous", no_copy)
+    with skip_random_initialization():
+        backbone = RecurrentGemmaBackbone(**TINY_CONFIGS["griffin"], dtype="bfloat16")
+    monkeypatch.undo()
+    for layer in dense_layers(backbone):
+        assert matmul_layout.stored_column_major(layer.kernel) is TORCH, layer.path
+        assert not np.any(keras.ops.convert_to_numpy(layer.kernel).astype("float32"))
 
 
 def test_float32_kernels_keep_keras_layout():
