@@ -19,7 +19,7 @@ Each chunk's logits are made inside `keras.remat`, so the backward pass
 recomputes them instead of keeping them: the logits, their float32 copy,
 softmax and gradient exist for one chunk at a time instead of for all `t`
 tokens. With the released models' `v` = 256000, one float32 `[c, v]` array
-is 1 MB per token: 256 MB per row for a 256-token chunk, where the full path
+is 1 MB per token: 128 MB per row for a 128-token chunk, where the full path
 holds several `[t, v]` arrays. The price is one more `[c, d] × [d, v]`
 product per chunk in the backward pass, and one more (without gradient)
 when `compile` has metrics (`weighted_metrics="auto"` has accuracy): they
@@ -41,7 +41,9 @@ import keras
 from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
-DEFAULT_LOSS_CHUNK_SIZE = 256
+# A LoRA step of the 2B (torch, remat, 512 tokens) peaked 0.85 GiB lower
+# with 128 than with 256, in the same time (10.7 s); 64 saved 0.2 GiB more.
+DEFAULT_LOSS_CHUNK_SIZE = 128
 
 
 def check_loss_chunk_size(loss_chunk_size):
