@@ -297,9 +297,11 @@ def backend_tensor(array):
       float32 (2.6 GB more, and slow) and copies even other dtypes, while
       `torch.from_numpy` shares the array (bfloat16 as int16 bits, viewed
       back), and `assign` copies it into the variable on any device;
-    - `jax.device_put` aliases an aligned host array of any dtype, bfloat16
-      included, on a CPU (3-9 ms for a `[2560, 7680]` kernel), where
-      `ops.convert_to_tensor` copies it (42 ms; 55 through an int16 view);
+    - JAX: `jnp.array` copies a bfloat16 array once (10 ms for a `[2560,
+      7680]` kernel; `ops.convert_to_tensor` takes 42, and 55 through an
+      int16 view). `jax.device_put` would alias an aligned array instead,
+      but XLA cannot donate a buffer it does not own: a LoRA `fit` step of
+      the 2B then copied every frozen weight and ran out of 24 GB;
     - TensorFlow converts a numpy array with two copies, then copies it
       into the variable (a 2.5 GB transient); through DLPack it takes an
       aligned array as it is, and `assign` adopts that buffer (the
@@ -317,9 +319,9 @@ def backend_tensor(array):
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)
     if backend == "jax":
-        import jax
+        import jax.numpy as jnp
 
-        return jax.device_put(array)
+        return jnp.array(array)
     return array
 
 

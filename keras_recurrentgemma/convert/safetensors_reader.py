@@ -38,7 +38,7 @@ def _read(filename, dtype, offset, shape):
 
     A plain read leaves no file pages counted against the process once the
     array is dropped, and gives an array backends may take without a copy
-    (TensorFlow and JAX only take aligned memory as it is).
+    (TensorFlow only takes aligned memory as it is).
     """
     array = aligned_empty(shape, dtype)
     view = memoryview(array.reshape(-1).view(np.uint8))

@@ -4,10 +4,11 @@ Loading a released model moves gigabytes from files into variables; every
 copy on the way is a transient the size of a tensor (1.3 GB for the 2B's
 embedding). Two facts decide whether a backend copies:
 
-- alignment: TensorFlow (Eigen) needs tensor data on a 64-byte boundary,
-  and JAX's CPU client aliases only such host arrays. A large numpy array
-  is `malloc`'s mapping plus a 16-byte header, so it is never aligned;
-  `aligned_empty` and `aligned_zeros` are.
+- alignment: TensorFlow (Eigen) needs tensor data on a 64-byte boundary.
+  A large numpy array is `malloc`'s mapping plus a 16-byte header, so it
+  is never aligned; `aligned_empty` and `aligned_zeros` are. (JAX's CPU
+  client would alias such arrays too, but the loader copies them for JAX:
+  see `convert.common.backend_tensor`.)
 - TensorFlow converts a numpy array with two copies; DLPack hands it the
   buffer itself (`tensorflow_tensor`).
 
