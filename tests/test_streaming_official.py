@@ -55,9 +55,9 @@ class LiveReads:
     """Wraps a reader function: what it read, and how much is held at once.
 
     An array read from the checkpoint counts as held while it is alive and
-    is not the storage of a model variable: on JAX's CPU backend a variable
-    may adopt an aligned host array instead of copying it (no memory is
-    spent then), while anything else that keeps a read array alive (a second
+    is not the storage of a model variable: on TensorFlow (and on JAX's CPU
+    backend) a variable may adopt an aligned host array instead of copying
+    it (no memory is spent then), while anything else that keeps a read array alive (a second
     tensor read before the first is assigned, a cache, a leak) is counted.
     """
 
@@ -119,7 +119,11 @@ def _address(value):
         return value.unsafe_buffer_pointer()
     if hasattr(value, "data_ptr"):  # torch
         return value.data_ptr()
-    return None  # TensorFlow variables own their buffers.
+    if hasattr(value, "read_value"):  # TensorFlow
+        # A read shares the variable's buffer, and so does `np.asarray` of
+        # an eager tensor; the loader hands arrays over through DLPack.
+        return np.asarray(value.read_value()).ctypes.data
+    return None
 
 
 def _array_name(spec):
