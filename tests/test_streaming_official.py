@@ -57,8 +57,9 @@ class LiveReads:
     An array read from the checkpoint counts as held while it is alive and
     is not the storage of a model variable: on TensorFlow (and on JAX's CPU
     backend) a variable may adopt an aligned host array instead of copying
-    it (no memory is spent then), while anything else that keeps a read array alive (a second
-    tensor read before the first is assigned, a cache, a leak) is counted.
+    it (no memory is spent then), while anything else that keeps a read
+    array alive (a second tensor read before the first is assigned, a
+    cache, a leak) is counted.
     """
 
     def __init__(self, monkeypatch):
