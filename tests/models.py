@@ -87,3 +87,19 @@ def write_tiny_hf_checkpoint(path, seed=3):
     model.save_pretrained(str(path))
     (path / "tokenizer.model").write_bytes(tiny_proto())
     return str(path)
+
+
+def variable_buffer_address(variable):
+    """Where a variable's data starts in host memory, to see whether it took
+    over an array the loader read (TensorFlow through DLPack, JAX on a CPU);
+    `None` on a backend that cannot say."""
+    value = variable.value
+    if hasattr(value, "unsafe_buffer_pointer"):  # jax
+        return value.unsafe_buffer_pointer()
+    if hasattr(value, "data_ptr"):  # torch
+        return value.data_ptr()
+    if hasattr(value, "read_value"):  # TensorFlow
+        # A read shares the variable's buffer, and so does `np.asarray` of
+        # an eager tensor (`convert_to_numpy` copies).
+        return np.asarray(value.read_value()).ctypes.data
+    return None

@@ -20,6 +20,7 @@ from keras_recurrentgemma.convert import huggingface
 from keras_recurrentgemma.convert import safetensors_reader
 from keras_recurrentgemma.layers.initialization import skip_random_initialization
 from tests.models import assert_same_weights
+from tests.models import variable_buffer_address
 from tests.models import write_tiny_hf_checkpoint
 
 RANDOM_FUNCTIONS = ("normal", "uniform", "truncated_normal")
@@ -83,13 +84,6 @@ def test_keras_preset_load_draws_no_random_numbers(random_draws, hf_dir, tmp_pat
     assert_same_weights(backbone, loaded)
 
 
-def _tensorflow_buffer(variable):
-    """Where a TensorFlow variable's values start in host memory: a read of a
-    variable shares its buffer, and so does `np.asarray` of an eager tensor
-    (`convert_to_numpy` copies)."""
-    return np.asarray(variable.value.read_value()).ctypes.data
-
-
 def test_hf_load_holds_one_tensor_at_a_time(monkeypatch, hf_dir):
     """Each tensor read is gone before the next one is read, unless it became
     its variable's own buffer (TensorFlow takes an aligned array as it is)."""
@@ -112,9 +106,9 @@ def test_hf_load_holds_one_tensor_at_a_time(monkeypatch, hf_dir):
     if keras.config.backend() == "tensorflow":
         # A tensor that needs no transpose or cast, like the embedding, is
         # taken without a copy: the array read is the variable's buffer.
-        buffers = {_tensorflow_buffer(v) for v in backbone.weights}
+        buffers = {variable_buffer_address(v) for v in backbone.weights}
         assert {a.ctypes.data for a in adopted.values()} <= buffers
-        embedding = _tensorflow_buffer(backbone.token_embedding.embeddings)
+        embedding = variable_buffer_address(backbone.token_embedding.embeddings)
         assert embedding in {a.ctypes.data for a in adopted.values()}
     else:
         assert not adopted

@@ -32,6 +32,7 @@ from keras_recurrentgemma.convert import official_torch
 from keras_recurrentgemma.convert import orbax
 from keras_recurrentgemma.convert.official import backbone_from_official
 from tests.models import assert_same_weights
+from tests.models import variable_buffer_address
 from tests.test_convert_official_formats import _flat
 from tests.test_official_parity import official_config
 from tests.test_official_parity import random_official_params
@@ -78,7 +79,7 @@ class LiveReads:
         arrays = [a for a in arrays if a is not None]
         if not arrays or self.model is None:
             return arrays
-        addresses = [_address(v.value) for v in self.model.weights]
+        addresses = [variable_buffer_address(v) for v in self.model.weights]
         addresses = [x for x in addresses if x is not None]
 
         def adopted(array):
@@ -112,19 +113,6 @@ class LiveReads:
             return array
 
         return tracked
-
-
-def _address(value):
-    """Where a variable's data is, for backends whose variables can alias."""
-    if hasattr(value, "unsafe_buffer_pointer"):  # jax
-        return value.unsafe_buffer_pointer()
-    if hasattr(value, "data_ptr"):  # torch
-        return value.data_ptr()
-    if hasattr(value, "read_value"):  # TensorFlow
-        # A read shares the variable's buffer, and so does `np.asarray` of
-        # an eager tensor; the loader hands arrays over through DLPack.
-        return np.asarray(value.read_value()).ctypes.data
-    return None
 
 
 def _array_name(spec):
