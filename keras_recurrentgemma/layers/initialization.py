@@ -43,14 +43,14 @@ class LoadPlaceholder(keras.initializers.Zeros):
     way, replace them without a copy. Zeros that TensorFlow filled would
     be freed into its threads' `malloc` arenas as each weight arrived,
     where numpy never reuses them (a 2B load ended at 11 GiB instead of
-    7). Elsewhere `keras.ops.zeros`: JAX frees each placeholder before its
+    7). Elsewhere Keras's own zeros: JAX frees each placeholder before its
     weight arrives, torch copies the weight into it.
     """
 
     def __call__(self, shape, dtype=None):
-        dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
         if keras.config.backend() != "tensorflow":
-            return keras.ops.zeros(shape, dtype)
+            return super().__call__(shape, dtype)
+        dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
         return host_arrays.tensorflow_tensor(host_arrays.aligned_zeros(shape, dtype))
 
 
