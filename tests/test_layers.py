@@ -126,6 +126,44 @@ def test_conv1d_unpacked_rows_use_full_window():
     np.testing.assert_allclose(to_numpy(layer(x, positions)[0]), full, **TOL)
 
 
+# One token per row, as a decode step feeds it: padding, a document start, a
+# continued document, and one continued past the attention window.
+STEP_POS = np.array([[-1], [0], [2], [7]], dtype="int32")
+
+
+def chunk_of_step(x):
+    """`x` `[b, 1, ...]` followed by a padding column: the chunk path's view
+    of a single token (the padding changes neither output nor cache)."""
+    return np.concatenate([x, np.zeros_like(x)], axis=1)
+
+
+def assert_step_equals_chunk(layer, x, cache):
+    """`layer` on one token equals its chunk path on that token plus padding."""
+    rows = len(STEP_POS)
+    padded = np.concatenate([STEP_POS, np.full((rows, 1), -1, "int32")], axis=1)
+    y, new_cache = layer(x, STEP_POS, cache)
+    y_chunk, chunk_cache = layer(chunk_of_step(x), padded, cache)
+    # A padding token's output is unused (attention gives it no key).
+    real = STEP_POS[:, 0] >= 0
+    np.testing.assert_allclose(to_numpy(y)[real], to_numpy(y_chunk)[real, :1], **TOL)
+    for got, want in zip(
+        keras.tree.flatten(new_cache), keras.tree.flatten(chunk_cache), strict=True
+    ):
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+
+@pytest.mark.parametrize("temporal_width", [1, 2, 4])
+def test_conv1d_one_token_step_equals_the_chunk_path(temporal_width):
+    rng = np.random.default_rng(3)
+    rows = len(STEP_POS)
+    x = rng.normal(size=(rows, 1, L)).astype("float32")
+    state = rng.normal(size=(rows, temporal_width - 1, L)).astype("float32")
+    layer = Conv1D(temporal_width)
+    layer.build(x.shape)
+    randomize_weights(layer)
+    assert_step_equals_chunk(layer, x, state)
+
+
 # --- RG-LRU ----------------------------------------------------------------
 
 
@@ -274,6 +312,27 @@ def test_local_attention_matches_numpy(window):
     real = SEGMENT_POS >= 0
     y, _ = layer(x, SEGMENT_POS)
     np.testing.assert_allclose(to_numpy(y)[real], expected[real], **TOL)
+
+
+def test_local_attention_one_token_step_equals_the_chunk_path():
+    from keras_recurrentgemma.layers.local_attention import AttentionBlockCache
+
+    rng = np.random.default_rng(4)
+    rows, k_dim = len(STEP_POS), D // HEADS
+    x = rng.normal(size=(rows, 1, D)).astype("float32")
+    # Slot positions need not be consistent for the two paths to agree; empty
+    # slots (-1) and ones outside the window are both covered.
+    cache = AttentionBlockCache(
+        keys=rng.normal(size=(rows, WINDOW, k_dim)).astype("float32"),
+        values=rng.normal(size=(rows, WINDOW, k_dim)).astype("float32"),
+        positions=np.array(
+            [[-1, 1, 2], [3, 4, -1], [0, 1, -1], [6, 3, 5]], dtype="int32"
+        ),
+    )
+    layer = LocalAttentionBlock(D, HEADS, WINDOW)
+    layer.build(x.shape)
+    randomize_weights(layer)
+    assert_step_equals_chunk(layer, x, cache)
 
 
 # --- Every layer: serialization and bfloat16 --------------------------------

@@ -89,6 +89,8 @@ class Conv1D(keras.layers.Layer):
         if state is None:
             state = self.initial_state(b, l)
         state = ops.cast(state, x.dtype)
+        if x.shape[1] == 1:
+            return self._step(x, segment_pos, state)
         # The state continues document 0, the id `document_ids` gives the
         # tokens before the chunk's first reset. An empty state is zeros, so
         # its document id is irrelevant.
@@ -103,6 +105,24 @@ class Conv1D(keras.layers.Layer):
             term = x_s * self.w[k - 1 - s]
             y = y + ops.where(ops.expand_dims(same_doc, -1), term, 0.0)
         return y, self._next_state(x_ext, doc_ext, segment_pos)
+
+    def _step(self, x, segment_pos, state):
+        # One token (a decode step): the same sums in the same order as the
+        # chunk path, without its `[b, t]` document ids and gathers, which
+        # are most of a decode step's ops. The state continues the token's
+        # document unless the token starts one (position 0).
+        k = self.temporal_width
+        continues = ops.not_equal(segment_pos, 0)[:, :, None]
+        y = x * self.w[k - 1] + self.b
+        for s in range(1, k):
+            term = state[:, k - 1 - s : k - s] * self.w[k - 1 - s]
+            y = y + ops.where(continues, term, 0.0)
+        if k == 1:
+            return y, state
+        kept = ops.where(continues, state[:, 1:], ops.zeros_like(state[:, 1:]))
+        shifted = ops.concatenate([kept, x], axis=1)
+        # Padding (position -1) leaves the window as it was.
+        return y, ops.where((segment_pos >= 0)[:, :, None], shifted, state)
 
     def _next_state(self, x_ext, doc_ext, segment_pos):
         # The window after the last real token: x_ext[last - k + 2 .. last].

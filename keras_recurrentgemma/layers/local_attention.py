@@ -196,6 +196,8 @@ class LocalAttentionBlock(StoredConfig, keras.layers.Layer):
         k = apply_rope(k, segment_pos, self.rope_max_wavelength)[:, :, 0]
 
         keys, values = k, v
+        if cache is not None and x.shape[1] == 1:
+            return self._step(q, k, v, segment_pos, cache)
         mask = local_attention_mask(segment_pos, self.attention_window_size)
         if cache is not None:
             keys = ops.concatenate([ops.cast(cache.keys, k.dtype), k], axis=1)
@@ -205,14 +207,51 @@ class LocalAttentionBlock(StoredConfig, keras.layers.Layer):
             )
             mask = ops.concatenate([cached, mask], axis=-1)
 
+        y = self._attend(q, keys, values, mask)
+        return y, self._next_cache(cache, k, v, segment_pos)
+
+    def _attend(self, q, keys, values, mask):
+        """`proj_final(softmax(q keysᵀ / sqrt(k) + mask) values)`; `mask`
+        `[b, t, s]` over the `s` keys."""
+        b, t = ops.shape(q)[0], ops.shape(q)[1]
         # Scaled before the product, which could overflow in float16.
         q = q * ops.cast(self.head_dim**-0.5, q.dtype)
         logits = ops.einsum("btnk,bsk->bnts", q, keys)
         logits = ops.where(mask[:, None], ops.cast(logits, "float32"), _MIN_LOGIT)
         probs = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
         o = ops.einsum("bnts,bsk->btnk", probs, values)
-        y = self.proj_final(ops.reshape(o, (b, t, self.hidden_dim)))
-        return y, self._next_cache(cache, k, v, segment_pos)
+        return self.proj_final(ops.reshape(o, (b, t, self.hidden_dim)))
+
+    def _step(self, q, k, v, segment_pos, cache):
+        # One token with a cache (a decode step): what `call` and
+        # `_next_cache` give for t = 1, without their `[b, t]` document ids
+        # and gathers, which are most of a decode step's ops. The token
+        # (position p, -1 if padding) continues the cached document unless
+        # it starts one (p = 0), sees itself if real, and goes to slot
+        # p mod w.
+        w = self.attention_window_size
+        keys = ops.cast(cache.keys, k.dtype)
+        values = ops.cast(cache.values, v.dtype)
+        positions = ops.cast(cache.positions, "int32")
+        p = segment_pos  # [b, 1]
+        real = p >= 0
+        seen = ops.logical_and(positions >= 0, p - positions <= w)
+        mask = ops.concatenate([ops.logical_and(p > 0, seen), real], axis=-1)
+        y = self._attend(
+            q,
+            ops.concatenate([keys, k], axis=1),
+            ops.concatenate([values, v], axis=1),
+            mask[:, None, :],
+        )
+        slots = ops.arange(w, dtype="int32")[None, :]
+        write = ops.logical_and(real, ops.equal(slots, ops.mod(p, w)))
+        # A document starting at this token empties the older slots.
+        kept = ops.where(ops.equal(p, 0), -1, positions)
+        return y, AttentionBlockCache(
+            keys=ops.where(write[:, :, None], k, keys),
+            values=ops.where(write[:, :, None], v, values),
+            positions=ops.where(write, p, kept),
+        )
 
     def _next_cache(self, cache, k, v, segment_pos):
         # Slot s must hold the newest position p ≡ s (mod w) with p <= the
