@@ -34,6 +34,7 @@ is seen); a change in which variables exist (LoRA, quantization) changes
 the signature, and so traces again.
 """
 
+import operator
 import warnings
 
 MODES = ("eager", "graph", "inductor")
@@ -166,6 +167,7 @@ class TorchDecodeStep:
             _warn_once("tracing", e)
             return None
         self.num_traces += 1
+        fold_constants(traced)
         if self.mode == "graph":
             graph.fn = traced
             return graph
@@ -187,3 +189,52 @@ class _Graph:
         self.out_spec = None
         self.fn = None
         self.cuda_graphs = False
+
+
+def fold_constants(traced):
+    """Precomputes, once, what a traced step computes from constants alone.
+
+    Keras code builds small constants on every call (`ops.arange`, RoPE's
+    frequencies, scalars as tensors); traced, they are ops that run at every
+    step. A value counts as constant only when it comes from a tensor
+    created during tracing (`lift_fresh_copy`, which make_fx puts on every
+    such tensor and never on a model variable) or from an op with no tensor
+    input, through deterministic, non-mutating ops: variables are read in
+    place and may be assigned between steps, so nothing that depends on one
+    is folded. A step with any in-place op is left as traced.
+    """
+    import torch
+    from torch.fx.node import map_arg
+
+    graph = traced.graph
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    aten_ops = [n.target for n in calls if isinstance(n.target, torch._ops.OpOverload)]
+    if any(op._schema.is_mutable for op in aten_ops):
+        return
+    lift = torch.ops.aten.lift_fresh_copy.default
+    values = {}
+    for node in calls:
+        if node.target is not operator.getitem and (
+            not isinstance(node.target, torch._ops.OpOverload)
+            or torch.Tag.nondeterministic_seeded in node.target.tags
+        ):
+            continue
+        inputs = node.all_input_nodes
+        if node.target is lift:
+            source = inputs[0]
+            values[node] = getattr(traced, source.target).clone()
+        elif all(n in values for n in inputs):
+            args, kwargs = map_arg((node.args, node.kwargs), values.__getitem__)
+            values[node] = node.target(*args, **kwargs)
+    for i, (node, value) in enumerate(values.items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        if all(user in values for user in node.users):
+            continue  # Only other constants read it.
+        name = f"_folded_constant{i}"
+        traced.register_buffer(name, value)
+        with graph.inserting_before(node):
+            constant = graph.get_attr(name)
+        node.replace_all_uses_with(constant)
+    graph.eliminate_dead_code()
+    traced.recompile()

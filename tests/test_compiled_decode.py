@@ -211,3 +211,28 @@ def test_untraceable_step_falls_back_to_eager_with_one_warning(monkeypatch):
         # A new signature tries again, and fails quietly.
         np.testing.assert_array_equal(decode(torch.ones(2)).numpy(), [2, 2])
     assert decode.num_traces == 0
+
+
+@torch_only
+def test_constants_are_folded_once_and_variables_are_read_at_each_step():
+    import torch
+
+    weight = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+
+    def step(x):
+        # RoPE-like frequencies depend on nothing: computed once at tracing.
+        frequencies = 1.0 / torch.pow(10.0, torch.arange(3) / 3.0)
+        return x * frequencies + (weight + 1.0)
+
+    decode = compiled_decode.TorchDecodeStep(step, "graph")
+    x = torch.ones(3)
+    np.testing.assert_allclose(decode(x).numpy(), step(x).numpy(), rtol=1e-6)
+    (graph,) = decode._graphs.values()
+    ops_left = sorted(
+        str(n.target) for n in graph.fn.graph.nodes if n.op == "call_function"
+    )
+    # What reads `x` or the weight stays: x·f, w + 1 and their sum.
+    assert ops_left == ["aten.add.Tensor"] * 2 + ["aten.mul.Tensor"], ops_left
+    with torch.no_grad():
+        weight.copy_(torch.full((3,), 5.0))
+    np.testing.assert_allclose(decode(x).numpy(), step(x).numpy(), rtol=1e-6)
