@@ -144,8 +144,11 @@ def measure_generate(greedy, args):
     steps.
     """
     reset_peak()
+    start = time.perf_counter()
     greedy(1)
     greedy(args.new_tokens)
+    # Compilation, tracing or a traced torch step's one-time cost included.
+    first_calls = time.perf_counter() - start
     start = time.perf_counter()
     greedy(1)
     one = time.perf_counter() - start
@@ -156,6 +159,7 @@ def measure_generate(greedy, args):
         "greedy": tokens,
         "generate_peak_gib": peak_gib(),
         "decode_s_per_token": (many - one) / (args.new_tokens - 1),
+        "first_calls_s": first_calls,
     }
 
 
@@ -205,6 +209,9 @@ def child_ours(args):
     if os.environ.get("BENCHMARK_NO_XLA"):
         lm.compile(jit_compile=False)
         report["jit_compile"] = False
+    if args.torch_decode_mode and keras.config.backend() == "torch":
+        lm.torch_decode_mode = args.torch_decode_mode
+        report["torch_decode_mode"] = args.torch_decode_mode
     if args.float32:
         ids = prompt_ids(args.parity_tokens)[None].astype("int32")
         hidden = backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
@@ -325,6 +332,8 @@ def run_child(kind, args, backend=None, extra=()):
     command = [sys.executable, __file__, "--child", kind, "--dir", args.dir]
     command += ["--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]
     command += ["--parity-tokens", str(args.parity_tokens), *extra]
+    if args.torch_decode_mode:
+        command += ["--torch-decode-mode", args.torch_decode_mode]
     if args.quantize and kind == "ours" and "--float32" not in extra:
         command += ["--quantize", args.quantize]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -362,6 +371,11 @@ def main():
         nargs="*",
         default=[],
         help="backends that also run one LoRA fit step (rank 4, batch 1)",
+    )
+    parser.add_argument(
+        "--torch-decode-mode",
+        choices=["eager", "graph", "inductor"],
+        help="`causal_lm.torch_decode_mode` of the torch runs (default: its own)",
     )
     parser.add_argument("--lora-tokens", type=int, default=512)
     parser.add_argument(
