@@ -24,7 +24,8 @@ def value_and_grad(fn, *args):
         with tf.GradientTape() as tape:
             value = fn(*tensors)
         grads = tape.gradient(value, tensors)
-        return value.numpy(), [g.numpy() for g in grads]
+        # A gather's gradient comes as `IndexedSlices`; made dense here.
+        return value.numpy(), [tf.convert_to_tensor(g).numpy() for g in grads]
     if backend == "torch":
         import torch
 

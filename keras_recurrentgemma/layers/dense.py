@@ -10,6 +10,7 @@ from keras_recurrentgemma.layers import embedding
 from keras_recurrentgemma.layers.initialization import initializer
 from keras_recurrentgemma.layers.lora_state import LoRAStateMixin
 from keras_recurrentgemma.ops.matmul_layout import column_major
+from keras_recurrentgemma.ops.xla_cpu import matmul
 
 
 # Named like its parent so that weights files and error messages read as
@@ -49,9 +50,11 @@ class Dense(LoRAStateMixin, keras.layers.Dense):
         does. Equal to Keras's up to rounding: the sum is taken after the
         products, not before.
         """
+        # `ops.matmul`: the product as `keras.ops.matmul` gives it, without
+        # XLA's float32 copy of a bfloat16 kernel on a CPU.
+        outputs = matmul(inputs, self._kernel)
         if not self.lora_enabled:
-            return super().call(inputs, training=training)
-        outputs = keras.ops.matmul(inputs, self._kernel)
+            return self._finish(outputs)
         low_rank = keras.ops.matmul(
             keras.ops.matmul(inputs, self.lora_kernel_a), self.lora_kernel_b
         )
@@ -60,7 +63,9 @@ class Dense(LoRAStateMixin, keras.layers.Dense):
         low_rank = keras.ops.cast(
             low_rank * (self.lora_alpha / self.lora_rank), outputs.dtype
         )
-        outputs = keras.ops.add(outputs, low_rank)
+        return self._finish(keras.ops.add(outputs, low_rank))
+
+    def _finish(self, outputs):
         if self.bias is not None:
             outputs = keras.ops.add(outputs, self.bias)
         if self.activation is not None:

@@ -1,0 +1,153 @@
+"""`ops.xla_cpu`: the products and lookups of `keras.ops`, without XLA's
+float32 copies of bfloat16 weights on a CPU.
+
+On every backend each function equals the `keras.ops` expression it stands
+for (values, and the lookup's gradient). On JAX on a CPU, a compiled loop
+that multiplies by a bfloat16 kernel, takes logits against a bfloat16 table
+or looks rows up in it holds no float32 copy of the kernel or table: the
+copy XLA otherwise hoists out of a `generate` loop (21 GiB for the 2B).
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_recurrentgemma.ops import xla_cpu
+from tests.backend_grad import value_and_grad
+from tests.tolerances import KERNEL
+from tests.tolerances import SELF_CONSISTENCY
+
+JAX = keras.config.backend() == "jax"
+# At least `MIN_WIDTH`, so that JAX on a CPU takes the bfloat16 path.
+I, O, V = 64, 96, 128
+
+
+def tensor(shape, dtype, seed):
+    values = np.random.default_rng(seed).normal(size=shape).astype("float32")
+    return ops.cast(values, dtype)
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(ops.cast(x, "float32")), "float64")
+
+
+def tolerance(dtype):
+    # Both sides sum exact products in float32 and round once; the order of
+    # the sums may move that rounding by one bfloat16 ulp.
+    return KERNEL["bfloat16"] if dtype == "bfloat16" else SELF_CONSISTENCY["float32"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lead", [(), (1,), (1, 1), (2, 3)])
+def test_matmul_equals_keras_matmul(lead, dtype):
+    x, kernel = tensor(lead + (I,), dtype, 0), tensor((I, O), dtype, 1)
+    y = xla_cpu.matmul(x, kernel)
+    assert tuple(y.shape) == lead + (O,)
+    assert keras.backend.standardize_dtype(y.dtype) == dtype
+    expected = ops.matmul(x, kernel)
+    np.testing.assert_allclose(to_numpy(y), to_numpy(expected), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lead", [(1, 1), (3, 1), (2, 5), (1, 70)])
+def test_matmul_transposed_equals_keras_matmul(lead, dtype):
+    # (1, 70) has more rows than MAX_STACKED_ROWS: the `keras.ops` path.
+    x, table = tensor(lead + (I,), dtype, 2), tensor((V, I), dtype, 3)
+    y = xla_cpu.matmul_transposed(x, table)
+    assert tuple(y.shape) == lead + (V,)
+    expected = ops.matmul(x, ops.transpose(table))
+    np.testing.assert_allclose(to_numpy(y), to_numpy(expected), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_products_have_keras_gradients(transposed):
+    # Of a bfloat16 product; JAX on a CPU computes them as `jnp.matmul`'s.
+    x = np.random.default_rng(8).normal(size=(1, 1, I)).astype("float32")
+    shape = (V, I) if transposed else (I, O)
+    weight = np.random.default_rng(9).normal(size=shape).astype("float32")
+
+    def loss(product):
+        def fn(x, weight):
+            y = product(ops.cast(x, "bfloat16"), ops.cast(weight, "bfloat16"))
+            return ops.sum(ops.square(ops.cast(y, "float32")))
+
+        return fn
+
+    if transposed:
+        ours = loss(xla_cpu.matmul_transposed)
+        plain = loss(lambda x, m: ops.matmul(x, ops.transpose(m)))
+    else:
+        ours, plain = loss(xla_cpu.matmul), loss(ops.matmul)
+    _, grads = value_and_grad(ours, x, weight)
+    _, expected = value_and_grad(plain, x, weight)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, **KERNEL["bfloat16"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_take_rows_equals_take_and_has_its_gradient(dtype):
+    table = np.random.default_rng(4).normal(size=(V, I)).astype("float32")
+    ids = np.array([[3, 0], [127, 3]], "int32")  # 3 twice: summed gradients
+    weights = np.random.default_rng(5).normal(size=(2, 2, I)).astype("float32")
+
+    def loss(take):
+        def fn(t):
+            rows = take(ops.cast(t, dtype), ops.convert_to_tensor(ids))
+            return ops.sum(ops.cast(rows, "float32") * ops.convert_to_tensor(weights))
+
+        return fn
+
+    value, (grad,) = value_and_grad(loss(xla_cpu.take_rows), table)
+    plain = loss(lambda t, i: ops.take(t, i, axis=0))
+    expected_value, (expected,) = value_and_grad(plain, table)
+    np.testing.assert_array_equal(value, expected_value)
+    np.testing.assert_allclose(grad, expected, **tolerance(dtype))
+
+
+def temporary_bytes(fn, *args):
+    """Bytes of scratch memory `fn`'s compiled (CPU) program allocates."""
+    import jax
+
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.skipif(not JAX, reason="XLA's CPU conversions: JAX")
+def test_a_jax_decode_loop_holds_no_float32_copy_of_the_weights():
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA's CPU")
+    kernel = tensor((I, O), "bfloat16", 6)
+    table = tensor((V, I), "bfloat16", 7)
+
+    def loop(kernel, table):
+        # One token per step, as `generate`'s loop feeds them.
+        def body(i, state):
+            token, x = state
+            x = x + xla_cpu.take_rows(table, token)[:, 0]
+            hidden = xla_cpu.matmul(x[:, None], kernel)[:, 0, :I]
+            logits = xla_cpu.matmul_transposed(hidden, table)
+            return jax.numpy.argmax(logits, -1)[:, None].astype("int32"), hidden
+
+        start = (jax.numpy.zeros((1, 1), "int32"), jax.numpy.zeros((1, I), "bfloat16"))
+        return jax.lax.fori_loop(0, 4, body, start)
+
+    # Under the bfloat16 table's size; a float32 copy of either weight would
+    # be at least 4 I O = 0.5 MB.
+    assert temporary_bytes(loop, kernel, table) < 2 * I * O
+
+    # The same loop through `keras.ops` does hold them: what the test guards.
+    def plain(kernel, table):
+        def body(i, state):
+            token, x = state
+            x = x + ops.take(table, token, 0)[:, 0]
+            hidden = ops.matmul(x[:, None], kernel)[:, 0, :I]
+            logits = ops.matmul(hidden, ops.transpose(table))
+            return jax.numpy.argmax(logits, -1)[:, None].astype("int32"), hidden
+
+        start = (jax.numpy.zeros((1, 1), "int32"), jax.numpy.zeros((1, I), "bfloat16"))
+        return jax.lax.fori_loop(0, 4, body, start)
+
+    assert temporary_bytes(plain, kernel, table) >= 4 * (I * O + V * I)
