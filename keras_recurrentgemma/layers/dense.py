@@ -50,7 +50,7 @@ class Dense(LoRAStateMixin, keras.layers.Dense):
         does. Equal to Keras's up to rounding: the sum is taken after the
         products, not before.
         """
-        # `ops.matmul`: the product as `keras.ops.matmul` gives it, without
+        # `xla_cpu.matmul`: the product `keras.ops.matmul` gives, without
         # XLA's float32 copy of a bfloat16 kernel on a CPU.
         outputs = matmul(inputs, self._kernel)
         if not self.lora_enabled:
