@@ -122,32 +122,33 @@ def test_a_jax_decode_loop_holds_no_float32_copy_of_the_weights():
     kernel = tensor((I, O), "bfloat16", 6)
     table = tensor((V, I), "bfloat16", 7)
 
-    def loop(kernel, table):
+    def decode_loop(take, product, logits):
         # One token per step, as `generate`'s loop feeds them.
-        def body(i, state):
-            token, x = state
-            x = x + xla_cpu.take_rows(table, token)[:, 0]
-            hidden = xla_cpu.matmul(x[:, None], kernel)[:, 0, :I]
-            logits = xla_cpu.matmul_transposed(hidden, table)
-            return jax.numpy.argmax(logits, -1)[:, None].astype("int32"), hidden
+        def run(kernel, table):
+            def body(i, state):
+                token, x = state
+                x = x + take(table, token)[:, 0]
+                hidden = product(x[:, None], kernel)[:, 0, :I]
+                scores = logits(hidden, table)
+                return jax.numpy.argmax(scores, -1)[:, None].astype("int32"), hidden
 
-        start = (jax.numpy.zeros((1, 1), "int32"), jax.numpy.zeros((1, I), "bfloat16"))
-        return jax.lax.fori_loop(0, 4, body, start)
+            start = (
+                jax.numpy.zeros((1, 1), "int32"),
+                jax.numpy.zeros((1, I), "bfloat16"),
+            )
+            return jax.lax.fori_loop(0, 4, body, start)
 
+        return run
+
+    ours = decode_loop(xla_cpu.take_rows, xla_cpu.matmul, xla_cpu.matmul_transposed)
     # Under the bfloat16 table's size; a float32 copy of either weight would
-    # be at least 4 I O = 0.5 MB.
-    assert temporary_bytes(loop, kernel, table) < 2 * I * O
+    # be at least 4 I O bytes.
+    assert temporary_bytes(ours, kernel, table) < 2 * I * O
 
     # The same loop through `keras.ops` does hold them: what the test guards.
-    def plain(kernel, table):
-        def body(i, state):
-            token, x = state
-            x = x + ops.take(table, token, 0)[:, 0]
-            hidden = ops.matmul(x[:, None], kernel)[:, 0, :I]
-            logits = ops.matmul(hidden, ops.transpose(table))
-            return jax.numpy.argmax(logits, -1)[:, None].astype("int32"), hidden
-
-        start = (jax.numpy.zeros((1, 1), "int32"), jax.numpy.zeros((1, I), "bfloat16"))
-        return jax.lax.fori_loop(0, 4, body, start)
-
+    plain = decode_loop(
+        lambda t, i: ops.take(t, i, 0),
+        ops.matmul,
+        lambda h, t: ops.matmul(h, ops.transpose(t)),
+    )
     assert temporary_bytes(plain, kernel, table) >= 4 * (I * O + V * I)
