@@ -5,7 +5,9 @@ On every backend each function equals the `keras.ops` expression it stands
 for (values, and the lookup's gradient). On JAX on a CPU, a compiled loop
 that multiplies by a bfloat16 kernel, takes logits against a bfloat16 table
 or looks rows up in it holds no float32 copy of the kernel or table: the
-copy XLA otherwise hoists out of a `generate` loop (21 GiB for the 2B).
+copy XLA otherwise hoists out of a `generate` loop (21 GiB for the 2B);
+and the gradient of a product with respect to its input holds none either
+(what a LoRA step needs of a frozen kernel).
 """
 
 import keras
@@ -52,7 +54,7 @@ def test_matmul_equals_keras_matmul(lead, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("lead", [(1, 1), (3, 1), (2, 5), (1, 70)])
 def test_matmul_transposed_equals_keras_matmul(lead, dtype):
-    # (1, 70) has more rows than MAX_STACKED_ROWS: the `keras.ops` path.
+    # (1, 70) has more rows than MAX_STACKED_ROWS: one product, not stacked.
     x, table = tensor(lead + (I,), dtype, 2), tensor((V, I), dtype, 3)
     y = xla_cpu.matmul_transposed(x, table)
     assert tuple(y.shape) == lead + (V,)
@@ -60,10 +62,12 @@ def test_matmul_transposed_equals_keras_matmul(lead, dtype):
     np.testing.assert_allclose(to_numpy(y), to_numpy(expected), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("lead", [(1, 1), (2, 40)])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_products_have_keras_gradients(transposed):
-    # Of a bfloat16 product; JAX on a CPU computes them as `jnp.matmul`'s.
-    x = np.random.default_rng(8).normal(size=(1, 1, I)).astype("float32")
+def test_products_have_keras_gradients(transposed, lead):
+    # Of a bfloat16 product. On JAX on a CPU, (1, 1) takes `jnp.matmul`'s
+    # gradients and (2, 40), at least MIN_WIDTH rows, the module's own.
+    x = np.random.default_rng(8).normal(size=lead + (I,)).astype("float32")
     shape = (V, I) if transposed else (I, O)
     weight = np.random.default_rng(9).normal(size=shape).astype("float32")
 
@@ -152,3 +156,33 @@ def test_a_jax_decode_loop_holds_no_float32_copy_of_the_weights():
         lambda h, t: ops.matmul(h, ops.transpose(t)),
     )
     assert temporary_bytes(plain, kernel, table) >= 4 * (I * O + V * I)
+
+
+@pytest.mark.skipif(not JAX, reason="XLA's CPU conversions: JAX")
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_jax_input_gradient_holds_no_float32_copy_of_the_weight(transposed):
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA's CPU")
+    rows, width = xla_cpu.MIN_WIDTH, 512
+    x = tensor((1, rows, width), "bfloat16", 10)
+    weight = tensor((width, width), "bfloat16", 11)
+
+    def input_gradient(product):
+        def loss(x, weight):
+            y = product(x, weight)
+            return jax.numpy.sum(jax.numpy.square(y.astype("float32")))
+
+        return jax.grad(loss)
+
+    if transposed:
+        ours = input_gradient(xla_cpu.matmul_transposed)
+        plain = input_gradient(lambda x, m: ops.matmul(x, ops.transpose(m)))
+    else:
+        ours, plain = input_gradient(xla_cpu.matmul), input_gradient(ops.matmul)
+    # A float32 copy of the weight is 4 width² bytes; the step's own
+    # tensors (rows x width, float32) are an eighth of that.
+    assert temporary_bytes(ours, x, weight) < 4 * width * width
+    # `keras.ops`'s gradient does convert it: what the test guards.
+    assert temporary_bytes(plain, x, weight) >= 4 * width * width

@@ -3,8 +3,9 @@ except on XLA's CPU with bfloat16.
 
 XLA on a CPU (JAX) multiplies bfloat16 matrices natively (its YNNPACK
 library) only as bfloat16 x bfloat16 -> float32, with neither operand a
-single row or column or read transposed; and it gathers bfloat16 rows from
-a float32 copy of the table. Anything else it computes after converting the
+single row or column (and, measured in `generate`'s loop, not a few rows
+against a transposed table); and it gathers bfloat16 rows from a float32
+copy of the table. Anything else it computes after converting the
 whole bfloat16 operand to float32. In a compiled `generate` those
 conversions depend on nothing the loop changes, so XLA hoists them out of
 it: a float32 copy of every kernel and of the embedding, twice the weights
@@ -16,7 +17,10 @@ So on JAX on a CPU, for bfloat16:
   numbers XLA produced anyway, up to the order of the sums), multiplying a
   single row (a decode step's `[1, d]`) as two equal rows, one kept;
 - `matmul_transposed` (the tied embedding's logits) computes
-  `(matrix @ xᵀ)ᵀ`, `xᵀ` built column by column;
+  `(matrix @ xᵀ)ᵀ` for a few rows, `xᵀ` built column by column, and
+  contracts both operands' last axes for more;
+- both have gradients of the same kind, so a training step converts no
+  weight either (`_products`);
 - `take_rows` ties the table to the ids it gathers, so that only those
   rows are converted.
 
@@ -40,7 +44,7 @@ from keras import ops
 MIN_WIDTH = 64
 
 # Up to this many rows, `matmul_transposed` builds the transposed input row
-# by row (a decode step has one per sequence); more go through `keras.ops`.
+# by row (a decode step has one per sequence); more are one product.
 MAX_STACKED_ROWS = 64
 
 
@@ -57,18 +61,16 @@ def matmul_transposed(x, matrix):
     """`x [..., i] @ matrix [o, i]ᵀ` → `[..., o]` (the tied embedding's
     logits), as `keras.ops.matmul(x, keras.ops.transpose(matrix))`.
 
-    On XLA's CPU with bfloat16 and at most `MAX_STACKED_ROWS` rows, computed
-    as `(matrix @ xᵀ)ᵀ`: `matrix` is then read as stored, and `xᵀ` is built
-    column by column from `x`'s rows, so no operand is a transposed view,
-    which the bfloat16 kernel cannot read (XLA would convert the whole
-    `matrix`, 2.4 GiB of float32 for the 2B's embedding, instead).
+    On XLA's CPU with bfloat16: up to `MAX_STACKED_ROWS` rows, computed as
+    `(matrix @ xᵀ)ᵀ`, `matrix` read as stored and `xᵀ` built column by
+    column from `x`'s rows, because the library takes no transposed view of
+    so few rows (XLA would convert the whole `matrix` instead: 2.4 GiB of
+    float32 for the 2B's embedding); more rows (training's loss chunks)
+    contract both operands' last axes directly, which it does take.
     """
     x, matrix = ops.convert_to_tensor(x), ops.convert_to_tensor(matrix)
-    lead = tuple(x.shape[:-1])
-    if (
-        not _xla_cpu_bfloat16(x, matrix)
-        or not all(isinstance(n, int) for n in lead)
-        or math.prod(lead) > MAX_STACKED_ROWS
+    if not _xla_cpu_bfloat16(x, matrix) or not all(
+        isinstance(n, int) for n in x.shape[:-1]
     ):
         return ops.matmul(x, ops.transpose(matrix))
     return _products()[1](x, matrix)
@@ -91,34 +93,60 @@ def take_rows(table, ids):
 
 @functools.cache
 def _products():
-    """`(matmul, matmul_transposed)` for XLA's CPU with bfloat16.
+    """`(matmul, matmul_transposed)` for XLA's CPU with bfloat16, forward
+    and backward.
 
-    Forward only: their gradients are `jnp.matmul`'s, which XLA computes
-    its own way (training converts each weight for its product and drops
-    the copy; no loop holds it).
+    Every product, the gradients' too, is one the library runs:
+    bfloat16 x bfloat16 -> float32, rounded back. With `jnp.matmul`'s own
+    gradients a training step converted every weight to float32 for its
+    backward product (the 2B's LoRA step peaked at 22.6 GiB for 5 GiB of
+    weights). Fewer than `MIN_WIDTH` rows (a contraction over so few the
+    library may refuse) take `jnp.matmul`'s gradients instead; such a step
+    is small.
     """
     import jax
     import jax.numpy as jnp
 
+    def dot(a, b, a_axis, b_axis):
+        """`a [m, ·] · b [·, n]` contracted over the two named axes, in
+        float32."""
+        numbers = (((a_axis,), (b_axis,)), ((), ()))
+        return jax.lax.dot_general(a, b, numbers, preferred_element_type=jnp.float32)
+
+    def as_rows(x):
+        return jnp.reshape(x, (-1, x.shape[-1]))
+
     def product(x, kernel):
-        lead = tuple(x.shape[:-1])
-        rows = jnp.reshape(x, (-1, x.shape[-1]))
-        if rows.shape[0] == 1:
+        rows = as_rows(x)
+        n = rows.shape[0]
+        if n == 1:
             # The library takes no one-row operand: two equal rows, one kept.
             rows = jnp.broadcast_to(rows, (2, rows.shape[1]))
-        y = jnp.matmul(rows, kernel, preferred_element_type=jnp.float32)
-        return jnp.reshape(y[: math.prod(lead)].astype(kernel.dtype), lead + (-1,))
+        y = dot(rows, kernel, 1, 0)[:n].astype(kernel.dtype)
+        return jnp.reshape(y, x.shape[:-1] + (-1,))
+
+    def product_grads(x, kernel, grad):
+        rows, grad_rows = as_rows(x), as_rows(grad)
+        grad_x = dot(grad_rows, kernel, 1, 1).astype(x.dtype)
+        grad_kernel = dot(rows, grad_rows, 0, 0).astype(kernel.dtype)
+        return jnp.reshape(grad_x, x.shape), grad_kernel
 
     def product_transposed(x, matrix):
-        lead = tuple(x.shape[:-1])
-        n = math.prod(lead)
-        rows = jnp.reshape(x, (n, x.shape[-1]))
-        columns = [rows[r] for r in range(n)] * (2 if n == 1 else 1)
-        y = jnp.matmul(
-            matrix, jnp.stack(columns, axis=-1), preferred_element_type=jnp.float32
-        )
-        y = jnp.transpose(y[:, :n]).astype(matrix.dtype)
-        return jnp.reshape(y, lead + (matrix.shape[0],))
+        rows = as_rows(x)
+        n = rows.shape[0]
+        if n > MAX_STACKED_ROWS:
+            y = dot(rows, matrix, 1, 1)
+        else:
+            columns = [rows[r] for r in range(n)] * (2 if n == 1 else 1)
+            y = dot(matrix, jnp.stack(columns, axis=-1), 1, 0)
+            y = jnp.transpose(y[:, :n])
+        return jnp.reshape(y.astype(matrix.dtype), x.shape[:-1] + (-1,))
+
+    def product_transposed_grads(x, matrix, grad):
+        rows, grad_rows = as_rows(x), as_rows(grad)
+        grad_x = dot(grad_rows, matrix, 1, 0).astype(x.dtype)
+        grad_matrix = dot(grad_rows, rows, 0, 0).astype(matrix.dtype)
+        return jnp.reshape(grad_x, x.shape), grad_matrix
 
     def plain(x, kernel):
         return jnp.matmul(x, kernel)
@@ -126,21 +154,23 @@ def _products():
     def plain_transposed(x, matrix):
         return jnp.matmul(x, matrix.T)
 
-    def with_plain_gradient(fn, reference):
+    def with_gradients(fn, grads, reference):
         fn = jax.custom_vjp(fn)
 
         def forward(*args):
             return fn(*args), args
 
         def backward(args, grad):
-            return jax.vjp(reference, *args)[1](grad)
+            if math.prod(args[0].shape[:-1]) < MIN_WIDTH:
+                return jax.vjp(reference, *args)[1](grad)
+            return grads(*args, grad)
 
         fn.defvjp(forward, backward)
         return fn
 
     return (
-        with_plain_gradient(product, plain),
-        with_plain_gradient(product_transposed, plain_transposed),
+        with_gradients(product, product_grads, plain),
+        with_gradients(product_transposed, product_transposed_grads, plain_transposed),
     )
 
 
