@@ -8,6 +8,7 @@ from keras_recurrentgemma.layers.mlp import MLPBlock
 from keras_recurrentgemma.layers.recurrent_block import RecurrentBlock
 from keras_recurrentgemma.layers.rms_normalization import RMSNormalization
 from keras_recurrentgemma.layers.stored_config import StoredConfig
+from keras_recurrentgemma.ops.remat import remat_call
 
 BLOCK_TYPES = ("recurrent", "attention")
 
@@ -160,10 +161,8 @@ class ResidualBlock(StoredConfig, keras.layers.Layer):
     def call(self, x, segment_pos, cache=None):
         # Generation (a cache in) keeps no activations for a backward pass,
         # so only cache-free calls, i.e. training passes, are rematerialised.
-        # `segment_pos` is closed over: TF's `recompute_grad` takes only
-        # positional float tensors (it warns on an int one).
         if self.remat and cache is None:
-            return keras.remat(lambda x: self._forward(x, segment_pos))(x)
+            return remat_call(self, self._forward, x, segment_pos)
         return self._forward(x, segment_pos, cache)
 
     @property
