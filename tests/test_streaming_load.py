@@ -19,6 +19,7 @@ from keras_recurrentgemma.convert import common
 from keras_recurrentgemma.convert import huggingface
 from keras_recurrentgemma.convert import safetensors_reader
 from keras_recurrentgemma.layers.initialization import skip_random_initialization
+from tests.conftest import TINY_CONFIGS
 from tests.models import assert_same_weights
 from tests.models import variable_buffer_address
 from tests.models import write_tiny_hf_checkpoint
@@ -82,6 +83,67 @@ def test_keras_preset_load_draws_no_random_numbers(random_draws, hf_dir, tmp_pat
     loaded = RecurrentGemmaBackbone.from_preset(str(tmp_path / "preset"))
     assert random_draws == []
     assert_same_weights(backbone, loaded)
+
+
+def test_bfloat16_keras_preset_load_makes_no_float32_copy(tmp_path):
+    """Keras's torch backend reads a bfloat16 array through a float32 copy
+    (the 2B's `.h5` load peaked at 11.1 GiB); ours hands torch the bits.
+    NumPy's allocations are traced, torch's and XLA's are not: what is
+    traced is the arrays read from the file, and any float32 copy of one."""
+    import tracemalloc
+
+    # An 8 MiB embedding, so that the model's own Python objects (about
+    # 1 MiB traced) are small beside it.
+    config = {**TINY_CONFIGS["griffin"], "vocabulary_size": 131072}
+    backbone = RecurrentGemmaBackbone(**config, dtype="bfloat16")
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    largest = max(np.prod(v.shape) for v in backbone.weights) * 2
+    tracemalloc.start()
+    try:
+        loaded = RecurrentGemmaBackbone.from_preset(
+            str(tmp_path / "preset"), dtype="bfloat16"
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_same_weights(backbone, loaded)
+    assert loaded.token_embedding.embeddings.dtype == "bfloat16"
+    # The largest bfloat16 tensor is read whole (1 x); Keras's float32 copy
+    # made it 4.1 x on torch. On TensorFlow NumPy also allocates the
+    # variables' placeholders (`calloc`ed: traced, never resident, see
+    # `host_arrays`) and the aligned copy DLPack hands over (3.1 x).
+    bound = 3.5 if keras.config.backend() == "tensorflow" else 1.6
+    assert peak < bound * largest, (peak, largest)
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX's immutable arrays")
+def test_jax_keras_preset_load_frees_each_placeholder_first(monkeypatch, tmp_path):
+    """A JAX variable's zero placeholder is freed before its weight is
+    converted: the arrays alive never exceed one model's weights."""
+    import jax
+
+    from keras_recurrentgemma import preset_loader_keras
+
+    backbone = RecurrentGemmaBackbone(**TINY_CONFIGS["griffin"])
+    backbone.save_to_preset(str(tmp_path / "preset"))
+    sizes = [np.prod(v.shape) * 4 for v in backbone.weights]
+    weight_bytes, largest = sum(sizes), max(sizes)
+    # Whatever else is alive (the saved model, constants) before the load.
+    before = sum(a.nbytes for a in jax.live_arrays())
+    alive = []
+    original = preset_loader_keras._BackendTensorStore.__getitem__
+
+    def counted(self, key):
+        value = original(self, key)
+        alive.append(sum(a.nbytes for a in jax.live_arrays()))
+        return value
+
+    monkeypatch.setattr(preset_loader_keras._BackendTensorStore, "__getitem__", counted)
+    loaded = RecurrentGemmaBackbone.from_preset(str(tmp_path / "preset"))
+    assert len(alive) == len(loaded.weights)
+    # Without the release the largest weight's placeholder and value are
+    # alive at once; a few bytes of scalars may be made while loading.
+    assert max(alive) - before < weight_bytes + largest // 2
 
 
 def test_hf_load_holds_one_tensor_at_a_time(monkeypatch, hf_dir):
