@@ -60,15 +60,20 @@ def test_load_placeholder_is_zeros(dtype):
 
 
 @pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX")
-def test_jax_loaded_weights_are_owned_by_xla():
+@pytest.mark.parametrize("aligned", [True, False])
+def test_jax_loaded_weights_are_owned_by_xla(aligned):
     """XLA reuses only a buffer it owns for a donated argument (Keras's JAX
     `fit` donates the frozen weights): a weight aliasing the host array it
-    was read into would be copied in every training step."""
+    was read into would be copied in every training step. An unaligned
+    array (as Keras's `.h5` reader returns them) takes another path."""
     import jax
 
     from keras_recurrentgemma.convert import common
 
-    array = host_arrays.aligned_empty((256, 64), "bfloat16")
+    flat = host_arrays.aligned_empty((256 * 64 + 1,), "bfloat16")
+    start = 0 if aligned else 1
+    array = flat[start : start + 256 * 64].reshape(256, 64)
+    assert (array.ctypes.data % host_arrays.ALIGNMENT == 0) == aligned
     array[...] = 1
     weight = common.backend_tensor(array)
     address = np.asarray(weight).ctypes.data

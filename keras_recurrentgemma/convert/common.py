@@ -250,13 +250,13 @@ def assign_backbone_weights(backbone, tensors, source):
             values = quantize_tensor(targets[path], array)
             del array
             for name, value in values.items():
-                _release(all_variables[name])
+                release_placeholder(all_variables[name])
                 all_variables[name].assign(backend_tensor(value))
             del values
             continue
         if isinstance(array, LazyTensor):
             array = array.read()
-        _release(variable)
+        release_placeholder(variable)
         # A column-major kernel (torch on a CPU) takes the transposed view
         # of an `nn.Linear` weight as it is: one straight copy, no transpose.
         order = "F" if matmul_layout.stored_column_major(variable) else "C"
@@ -271,7 +271,7 @@ def _variable_paths(target):
     return [f"{target.layer.path}/{name}" for name in target.variables]
 
 
-def _release(variable):
+def release_placeholder(variable):
     """Frees a JAX variable's placeholder value before its real one arrives.
 
     JAX arrays are immutable: `assign` makes a new buffer and frees the old
@@ -297,11 +297,14 @@ def backend_tensor(array):
       float32 (2.6 GB more, and slow) and copies even other dtypes, while
       `torch.from_numpy` shares the array (bfloat16 as int16 bits, viewed
       back), and `assign` copies it into the variable on any device;
-    - JAX: `jnp.array` copies a bfloat16 array once (10 ms for a `[2560,
-      7680]` kernel; `ops.convert_to_tensor` takes 42, and 55 through an
-      int16 view). `jax.device_put` would alias an aligned array instead,
-      but XLA cannot donate a buffer it does not own: a LoRA `fit` step of
-      the 2B then copied every frozen weight and ran out of 24 GB;
+    - JAX: `jnp.array` copies an aligned bfloat16 array once (10 ms for a
+      `[2560, 7680]` kernel; `ops.convert_to_tensor` takes 42, and 55
+      through an int16 view), an unaligned one twice (the embedding as
+      Keras's `.h5` reader returns it: 2.4 GB more at once, where
+      `jax.device_put` copies it once, in 0.7 s instead of 1.2).
+      `jax.device_put` would alias an aligned array, but XLA cannot donate
+      a buffer it does not own: a LoRA `fit` step of the 2B then copied
+      every frozen weight and ran out of 24 GB;
     - TensorFlow converts a numpy array with two copies, then copies it
       into the variable (a 2.5 GB transient); through DLPack it takes an
       aligned array as it is, and `assign` adopts that buffer (the
@@ -319,9 +322,11 @@ def backend_tensor(array):
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)
     if backend == "jax":
-        import jax.numpy as jnp
+        import jax
 
-        return jnp.array(array)
+        if array.ctypes.data % host_arrays.ALIGNMENT:
+            return jax.device_put(array)  # copied into XLA's own buffer
+        return jax.numpy.array(array)
     return array
 
 
