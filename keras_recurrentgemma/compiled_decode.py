@@ -15,34 +15,43 @@ So the step is traced once per input signature with `make_fx` (real
 tensors; Python runs once, and only the aten ops it issued are kept), what
 depends only on constants is computed once (`fold_constants`), and then:
 
-- `"graph"`: the traced graph runs as it is: about 900 ops for six blocks
-  (the layers' one-token steps took it from 1443). Same kernels and results
-  as eager, bit for bit, without the Python overhead: on a CPU core, 3.3x
-  eager's tokens/s at batch 1 (182 against 55; HF 283) and 2.7x at batch 8
-  (994 against 374; HF 1452), `tools/benchmark_generate.py --config cpu7m
-  --threads 1`; tracing takes about 1.3 seconds per batch size for six
-  blocks, 5 for the 2B's 26, whose decode it takes from 0.37 to 0.31 s a
-  token on two cores (HF 0.28-0.29).
+- `"graph"`: the traced graph, about 900 ops for six blocks, recorded again
+  by `torch.jit.trace` and run by TorchScript's C++ interpreter (an fx
+  graph runs as generated Python, a call per op). Same kernels and results
+  as eager, bit for bit, without the Python overhead. Tracing takes about
+  1.2 seconds per batch size for six blocks, 5 for the 2B's 26.
+- `"auto"`: `"graph"` for a call that will decode at least
+  `AUTO_MIN_STEPS` tokens, or once its signature is traced; eager before.
+  The default on a CPU, so that no call pays for a trace it does not win
+  back.
 - `"inductor"`: the graph is compiled with `torch.compile` (Inductor;
-  `mode="reduce-overhead"`, i.e. CUDA graphs, on CUDA). Fastest per step
-  (5x eager's tokens/s at batch 1, 4x at batch 8, on a CPU core, measured
-  before the one-token steps), but
-  Inductor's C++ compile takes 20 to 50 seconds per batch size on a CPU
-  (seconds once its on-disk cache holds the graph).
+  `mode="reduce-overhead"`, i.e. CUDA graphs, on CUDA). Inductor's C++
+  compile takes 20 to 50 seconds per batch size on a CPU (seconds once its
+  on-disk cache holds the graph).
+
+Measured (`tools/benchmark_generate.py --config cpu7m --threads 1`, tokens
+a second, batch 1 / batch 8): eager 55 / 374, `"graph"` 377 / ... , HF
+transformers 283 / 1452; the 2B on two cores (`tools/benchmark_real_size.py
+--torch-decode-mode graph`): 0.296 s a token against eager's 0.37 and
+HF's 0.290.
 
 The default (`compile(jit_compile="auto")`) is `"inductor"` on CUDA and
-`"eager"` on a CPU, where tracing or compiling costs more than a typical
-`generate` call saves (see `tools/benchmark_generate.py`). A step whose
-tracing or compilation fails runs eagerly from then on, after a one-time
-warning. The traced graph reads the model's variables in place (an `assign`
-is seen); a change in which variables exist (LoRA, quantization) changes
-the signature, and so traces again.
+`"auto"` on a CPU. A step whose tracing or compilation fails runs eagerly
+from then on, after a one-time warning. The traced graph reads the model's
+variables in place (an `assign` is seen); a change in which variables exist
+(LoRA, quantization) changes the signature, and so traces again.
 """
 
 import operator
 import warnings
 
-MODES = ("eager", "graph", "inductor")
+MODES = ("auto", "eager", "graph", "inductor")
+
+# `"auto"` traces a step for a call that will take at least this many
+# steps. Tracing cost what about 75 steps then save, at the 2B (5.4 s against
+# 0.37 -> 0.30 s a token, two cores) and at `cpu7m` (1.2 s against 18 ->
+# 2.7 ms, one core) alike: from 128 on, a call gains more than it paid.
+AUTO_MIN_STEPS = 128
 
 _warned = set()
 
@@ -51,13 +60,13 @@ def resolve_mode(jit_compile, run_eagerly, device_type):
     """The decode mode for `compile(jit_compile=...)` on a torch device.
 
     `False` or `run_eagerly` → `"eager"`; `True` → `"inductor"`; `"auto"` →
-    `"inductor"` on CUDA and `"eager"` elsewhere.
+    `"inductor"` on CUDA and `"auto"` elsewhere.
     """
     if run_eagerly or jit_compile is False:
         return "eager"
     if jit_compile is True or device_type == "cuda":
         return "inductor"
-    return "eager"
+    return "auto"
 
 
 def _warn_once(reason, error):
@@ -104,6 +113,9 @@ class TorchDecodeStep:
         variables_key: hashable; graphs traced under another key are not
             reused (pass something that changes when the model's set of
             variables does).
+        planned_steps: int or `None`, how many steps the caller will take
+            at most. In `"auto"` a signature not yet traced is traced only
+            for at least `AUTO_MIN_STEPS`, and runs eagerly otherwise.
     """
 
     def __init__(self, step, mode):
@@ -115,7 +127,7 @@ class TorchDecodeStep:
         # How many graphs were traced; tests and benchmarks read it.
         self.num_traces = 0
 
-    def __call__(self, *args, variables_key=None):
+    def __call__(self, *args, variables_key=None, planned_steps=None):
         import torch
         from torch.utils import _pytree
 
@@ -130,6 +142,8 @@ class TorchDecodeStep:
         flat = [_dense(x) for x in flat]
         key = (variables_key, tuple((x.shape, x.dtype, x.device) for x in flat))
         if key not in self._graphs:
+            if self.mode == "auto" and (planned_steps or 0) < AUTO_MIN_STEPS:
+                return self.step(*args)
             self._graphs[key] = self._trace(flat, spec)
         graph = self._graphs[key]
         if graph is None or graph.in_spec != spec:
@@ -173,8 +187,9 @@ class TorchDecodeStep:
             return None
         self.num_traces += 1
         fold_constants(traced)
-        if self.mode == "graph":
-            graph.fn = traced
+        graph.traced = traced
+        if self.mode in ("graph", "auto"):
+            graph.fn = _interpreted(traced, flat)
             return graph
         graph.cuda_graphs = any(x.device.type == "cuda" for x in flat)
         graph.fn = torch.compile(
@@ -186,12 +201,31 @@ class TorchDecodeStep:
         return graph
 
 
+def _interpreted(traced, flat):
+    """`traced` recorded again by `torch.jit.trace`, to run in TorchScript's
+    C++ interpreter instead of as the generated Python of an fx graph: the
+    same aten ops on the same tensors (the model's variables are held by
+    reference, so an `assign` is still seen), without a Python call each.
+    The graph as traced if TorchScript cannot record it."""
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return torch.jit.trace(traced, flat, check_trace=False)
+    except Exception as e:
+        _warn_once("TorchScript", e)
+        return traced
+
+
 class _Graph:
     """A traced step: its function on flat tensors and its pytree specs."""
 
     def __init__(self, in_spec):
         self.in_spec = in_spec
         self.out_spec = None
+        # The fx graph as traced and folded, and what runs it.
+        self.traced = None
         self.fn = None
         self.cuda_graphs = False
 

@@ -196,7 +196,10 @@ class GenerationMixin:
         )
         decode = self._decode_step
         if self._torch_decode is not None:
-            decode = generation_compile.bound_step(self._torch_decode, self)
+            # Torch runs this eagerly, so the number of steps is known.
+            mask = keras.ops.convert_to_numpy(inputs["padding_mask"])
+            steps = mask.shape[1] - int(mask.astype(bool).sum(axis=1).min())
+            decode = generation_compile.bound_step(self._torch_decode, self, steps)
         return generation.sample(
             self.sampler, self, inputs, cache, hidden_states, decode, stop_token_ids
         )
@@ -210,12 +213,13 @@ class GenerationMixin:
 
         `"inductor"` (the step traced once per batch shape and compiled
         with `torch.compile`, with CUDA graphs on CUDA) by default on CUDA
-        and after `compile(jit_compile=True)`; `"eager"` by default on a CPU,
-        after `compile(jit_compile=False)` and with `run_eagerly`. Assign
-        `"graph"` (the traced step replayed as it is: eager's kernels and
-        results without the Python overhead) or any of these to override
-        the choice, `None` to go back to it. See
-        `keras_recurrentgemma.compiled_decode`.
+        and after `compile(jit_compile=True)`; `"auto"` by default on a CPU
+        (`"graph"`, the traced step replayed as it is: eager's kernels and
+        results without the Python overhead, for a call that decodes
+        enough tokens to pay for the tracing, or once traced; `"eager"`
+        before); `"eager"` after `compile(jit_compile=False)` and with
+        `run_eagerly`. Assign any of these to override the choice, `None`
+        to go back to it. See `keras_recurrentgemma.compiled_decode`.
         """
         if keras.config.backend() != "torch":
             return None

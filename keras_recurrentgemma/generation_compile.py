@@ -114,16 +114,20 @@ def variables_key(model):
     return tuple(id(v) for v in model.variables)
 
 
-def bound_step(step, model):
+def bound_step(step, model, steps=None):
     """`step` from `compile_for_backend`, ready to call per token.
 
     A torch step runs under `no_grad` and, when traced, is told
-    `variables_key(model)` (computed here, once per generation).
+    `variables_key(model)` (computed here, once per generation) and how
+    many `steps` the caller will take at most (`None`: unknown), which
+    decides whether `"auto"` traces.
     """
     if not isinstance(step, compiled_decode.TorchDecodeStep):
         return step
     key = None if step.mode == "eager" else variables_key(model)
-    return _under_no_grad(functools.partial(step, variables_key=key))
+    return _under_no_grad(
+        functools.partial(step, variables_key=key, planned_steps=steps)
+    )
 
 
 def _under_no_grad(fn):

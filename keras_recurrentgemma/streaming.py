@@ -124,7 +124,9 @@ def _stream_token_ids(causal_lm, token_ids, max_length, sampler, stops):
     if len(token_ids) == max_length:
         return
     functions = causal_lm.generation_functions()
-    decode = generation_compile.bound_step(functions.decode, causal_lm)
+    decode = generation_compile.bound_step(
+        functions.decode, causal_lm, max_length - len(token_ids)
+    )
     cache = generation.prefill_prompt(
         functions.prefill,
         token_ids,

@@ -98,9 +98,9 @@ def test_torch_decode_mode_is_none_elsewhere(lm):
 
 @torch_only
 def test_modes_follow_jit_compile(lm):
-    # The tests run on a CPU, where `"auto"` decodes eagerly.
+    # The tests run on a CPU, where `jit_compile="auto"` gives `"auto"`.
     other = task(lm.backbone)
-    assert other.torch_decode_mode == "eager"
+    assert other.torch_decode_mode == "auto"
     other.compile(sampler="greedy", jit_compile=True)
     assert other.torch_decode_mode == "inductor"
     other.compile(sampler="greedy", jit_compile=False)
@@ -112,6 +112,37 @@ def test_modes_follow_jit_compile(lm):
     assert other.torch_decode_mode == "graph"
     with pytest.raises(ValueError, match="torch_decode_mode"):
         other.torch_decode_mode = "fast"
+
+
+@torch_only
+def test_auto_traces_only_for_a_long_enough_call(lm, monkeypatch):
+    eager = generate_ids(task(lm.backbone, "eager"))
+    other = task(lm.backbone)
+    assert other.torch_decode_mode == "auto"
+    # ROWS's shortest prompt leaves MAX_LENGTH - 1 = 19 steps: too few.
+    np.testing.assert_array_equal(generate_ids(other), eager)
+    assert other._torch_decode.num_traces == 0
+    monkeypatch.setattr(compiled_decode, "AUTO_MIN_STEPS", MAX_LENGTH - 1)
+    np.testing.assert_array_equal(generate_ids(other), eager)
+    assert other._torch_decode.num_traces == 1
+    # Once traced, a short call of the same batch size replays the graph.
+    monkeypatch.setattr(compiled_decode, "AUTO_MIN_STEPS", 10**6)
+    np.testing.assert_array_equal(generate_ids(other), eager)
+    assert other._torch_decode.num_traces == 1
+
+
+@torch_only
+def test_streaming_tells_auto_how_many_steps_it_plans(lm, monkeypatch):
+    from keras_recurrentgemma.streaming import stream_token_ids
+
+    other = task(lm.backbone)
+    monkeypatch.setattr(compiled_decode, "AUTO_MIN_STEPS", MAX_LENGTH - 3)
+    # 3 prompt tokens: MAX_LENGTH - 3 steps planned, enough.
+    tokens = list(stream_token_ids(other, [2, 17, 30], MAX_LENGTH, stop_token_ids=None))
+    decode = other.generation_functions().decode
+    assert decode.mode == "auto" and decode.num_traces == 1
+    expected = generate_ids(task(lm.backbone, "eager"), rows=([2, 17, 30],))[0]
+    np.testing.assert_array_equal(tokens, expected[3:])
 
 
 @torch_only
@@ -228,8 +259,10 @@ def test_constants_are_folded_once_and_variables_are_read_at_each_step():
     x = torch.ones(3)
     np.testing.assert_allclose(decode(x).numpy(), step(x).numpy(), rtol=1e-6)
     (graph,) = decode._graphs.values()
+    # Run by TorchScript's interpreter, from the folded fx graph.
+    assert isinstance(graph.fn, torch.jit.ScriptModule)
     ops_left = sorted(
-        str(n.target) for n in graph.fn.graph.nodes if n.op == "call_function"
+        str(n.target) for n in graph.traced.graph.nodes if n.op == "call_function"
     )
     # What reads `x` or the weight stays: x·f, w + 1 and their sum.
     assert ops_left == ["aten.add.Tensor"] * 2 + ["aten.mul.Tensor"], ops_left

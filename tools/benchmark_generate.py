@@ -105,7 +105,7 @@ CONFIGS = {
         attention_window_size=2048,
     ),
 }
-TORCH_MODES = ("eager", "graph", "inductor")
+TORCH_MODES = ("auto", "eager", "graph", "inductor")
 BLOCK_SCALE = 2.0
 
 

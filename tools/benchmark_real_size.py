@@ -376,7 +376,7 @@ def main():
     )
     parser.add_argument(
         "--torch-decode-mode",
-        choices=["eager", "graph", "inductor"],
+        choices=["auto", "eager", "graph", "inductor"],
         help="`causal_lm.torch_decode_mode` of the torch runs (default: its own)",
     )
     parser.add_argument("--lora-tokens", type=int, default=512)
