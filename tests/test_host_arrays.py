@@ -1,6 +1,8 @@
 """Host arrays that backends take without a copy, and the load placeholders
 built on them (`utils/host_arrays.py`, `layers/initialization.py`)."""
 
+import os
+
 import keras
 import ml_dtypes
 import numpy as np
@@ -57,6 +59,24 @@ def test_load_placeholder_is_zeros(dtype):
     assert not np.any(keras.ops.convert_to_numpy(variable).astype(np.float32))
     variable.assign(np.ones((6, 7), host_arrays.numpy_dtype(dtype)))
     assert np.all(keras.ops.convert_to_numpy(variable).astype(np.float32) == 1)
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(
+    keras.config.backend() == "torch" or not os.path.exists("/proc/self/statm"),
+    reason="torch copies each weight into its placeholder; Linux's statm",
+)
+def test_a_large_placeholder_is_not_resident():
+    # TensorFlow and JAX (on a CPU) take `calloc`ed pages that no one
+    # writes; XLA's own zeros for 256 MiB would be resident at once.
+    before = resident_bytes()
+    variable = keras.Variable(LoadPlaceholder(), shape=(2**16, 2**11), dtype="float16")
+    assert resident_bytes() - before < 2**26
+    assert tuple(variable.shape) == (2**16, 2**11)
 
 
 @pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX")

@@ -109,10 +109,11 @@ def test_bfloat16_keras_preset_load_makes_no_float32_copy(tmp_path):
     assert_same_weights(backbone, loaded)
     assert loaded.token_embedding.embeddings.dtype == "bfloat16"
     # The largest bfloat16 tensor is read whole (1 x); Keras's float32 copy
-    # made it 4.1 x on torch. On TensorFlow NumPy also allocates the
+    # made it 4.1 x on torch. On JAX and TensorFlow NumPy also allocates the
     # variables' placeholders (`calloc`ed: traced, never resident, see
-    # `host_arrays`) and the aligned copy DLPack hands over (3.1 x).
-    bound = 3.5 if keras.config.backend() == "tensorflow" else 1.6
+    # `LoadPlaceholder`): 2.1 x on JAX, 3.1 x on TensorFlow with the aligned
+    # copy DLPack hands over. Copies XLA makes itself are not traced.
+    bound = {"torch": 1.6, "jax": 2.5}.get(keras.config.backend(), 3.5)
     assert peak < bound * largest, (peak, largest)
 
 

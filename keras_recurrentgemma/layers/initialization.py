@@ -43,15 +43,25 @@ class LoadPlaceholder(keras.initializers.Zeros):
     way, replace them without a copy. Zeros that TensorFlow filled would
     be freed into its threads' `malloc` arenas as each weight arrived,
     where numpy never reuses them (a 2B load ended at 11 GiB instead of
-    7). Elsewhere Keras's own zeros: JAX frees each placeholder before its
-    weight arrives, torch copies the weight into it.
+    7). On JAX on a CPU the same `calloc`ed zeros, which `jax.device_put`
+    takes without a copy when aligned: XLA would otherwise fill 5 GB of
+    zeros for the 2B, which the loader frees before each weight arrives
+    (`convert.common.release_placeholder`). Elsewhere Keras's own zeros;
+    torch copies the weight into them.
     """
 
     def __call__(self, shape, dtype=None):
-        if keras.config.backend() != "tensorflow":
-            return super().__call__(shape, dtype)
+        backend = keras.config.backend()
         dtype = keras.backend.standardize_dtype(dtype or keras.config.floatx())
-        return host_arrays.tensorflow_tensor(host_arrays.aligned_zeros(shape, dtype))
+        if backend == "tensorflow":
+            zeros = host_arrays.aligned_zeros(shape, dtype)
+            return host_arrays.tensorflow_tensor(zeros)
+        if backend == "jax":
+            import jax
+
+            if jax.default_backend() == "cpu":
+                return jax.device_put(host_arrays.aligned_zeros(shape, dtype))
+        return super().__call__(shape, dtype)
 
 
 def initializer(init):
