@@ -86,7 +86,7 @@ class RecurrentGemmaBackbone(ModelPresetMixin, Backbone):
             memory per layer is `[batch, seq, hidden_dim]` instead of every
             intermediate; costs about one extra forward pass. Use it for
             long-sequence fine-tuning (the 2B's LoRA step, 512 tokens,
-            on a CPU: 10.4 -> 7.5 GiB on JAX, 11.1 -> 8.2 GiB on torch).
+            on a CPU: 10.4 -> 7.4 GiB on JAX, 11.1 -> 8.2 GiB on torch).
             Generation is unaffected. Defaults to `False`.
         dtype: string or `keras.DTypePolicy`. Weights and compute dtype.
 

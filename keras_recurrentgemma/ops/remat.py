@@ -12,7 +12,7 @@ Here, on JAX, the block's input is made to depend on the gradient of its
 output before it is recomputed from (`x + 0 · g`; an `optimization_barrier`
 would be dropped by the same compiler), so the recomputation cannot start
 before the backward pass reaches the block, and one block's activations are
-live at a time (the 2B's LoRA step with remat: 7.5 GiB).
+live at a time (the 2B's LoRA step with remat: 7.4 GiB).
 The layer's variables are passed to the function explicitly (read through
 a `keras.StatelessScope`), since a `jax.custom_vjp` function may not close
 over traced values. Other backends get `keras.remat`.
