@@ -60,17 +60,12 @@ class _BackendTensorStore:
         return backend_tensor(value) if isinstance(value, np.ndarray) else value
 
 
-@contextlib.contextmanager
-def _backend_tensor_reads(backbone):
-    """Every layer reads its weights through a `_BackendTensorStore` while
-    Keras's `load_weights` runs, and on JAX frees its own variables'
-    placeholders first (`common.release_placeholder`: otherwise each
-    placeholder and its weight coexist, 1.2 GiB more for the 2B's
-    embedding). A load that fails leaves a model nobody gets.
-
-    The override is an instance attribute around the layer's own
-    `load_own_variables`, removed on exit.
-    """
+def _backend_tensor_loads(backbone):
+    """`{layer: load}`: each layer reads its weights through a
+    `_BackendTensorStore`, and on JAX frees its own variables' placeholders
+    first (`common.release_placeholder`: otherwise each placeholder and its
+    weight coexist, 1.2 GiB more for the 2B's embedding on a device). A load
+    that fails leaves a model nobody gets."""
     from keras_recurrentgemma.convert.common import release_placeholder
 
     def reading(layer):
@@ -85,14 +80,21 @@ def _backend_tensor_reads(backbone):
 
         return read
 
-    layers = layers_with_weights(backbone)
-    for layer in layers:
+    return {layer: reading(layer) for layer in layers_with_weights(backbone)}
+
+
+@contextlib.contextmanager
+def _loading_with(loads):
+    """Keras's `load_weights` calls `loads[layer]` instead of each layer's
+    `load_own_variables`: an instance attribute, removed on exit; nothing
+    else about the layers changes."""
+    for layer, load in loads.items():
         # `object.__setattr__`: Keras's layer tracking has no business here.
-        object.__setattr__(layer, "load_own_variables", reading(layer))
+        object.__setattr__(layer, "load_own_variables", load)
     try:
         yield
     finally:
-        for layer in layers:
+        for layer in loads:
             object.__delattr__(layer, "load_own_variables")
 
 
@@ -224,10 +226,10 @@ class KerasFormatLoader(preset_utils.KerasPresetLoader):
                 from keras_recurrentgemma.convert import quantize_on_load
 
                 # Reads each float tensor as NumPy and quantizes it there.
-                scope = quantize_on_load.loading_float_weights(backbone)
+                loads = quantize_on_load.float_weight_loads(backbone)
             else:
-                scope = _backend_tensor_reads(backbone)
-            with scope:
+                loads = _backend_tensor_loads(backbone)
+            with _loading_with(loads):
                 super()._load_backbone_weights(backbone)
         except FileNotFoundError:
             raise  # a missing shard: KerasHub's message names it

@@ -322,28 +322,20 @@ def _assign(variables, values):
         variables[name].assign(value)
 
 
-@contextlib.contextmanager
-def loading_float_weights(backbone):
-    """Lets Keras's `load_weights` put a float `.weights.h5` into a backbone
-    built by a `QuantizedPlan`.
+def float_weight_loads(backbone):
+    """`{layer: load}`: how each quantized layer of a backbone built by a
+    `QuantizedPlan` reads a float `.weights.h5` in Keras's `load_weights`.
 
     Keras reads each layer's tensors with `layer.load_own_variables(store)`,
-    which for a quantized layer expects the integer layout. For the scope
-    each quantized layer reads the float layout instead, one tensor at a
-    time, and quantizes it as `quantize_tensor` does. The override is an
-    instance attribute, removed on exit; nothing else about the layers
-    changes.
+    which for a quantized layer expects the integer layout; `load` reads the
+    float layout instead, one tensor at a time, and quantizes it as
+    `quantize_tensor` does. The Keras preset loader puts these in place of
+    the layers' own for the load (`preset_loader_keras`).
     """
-    targets = list(quantized_targets(backbone).values())
-    for target in targets:
-        load = functools.partial(_load_float_variables, target)
-        # `object.__setattr__`: Keras's layer tracking has no business here.
-        object.__setattr__(target.layer, "load_own_variables", load)
-    try:
-        yield
-    finally:
-        for target in targets:
-            object.__delattr__(target.layer, "load_own_variables")
+    return {
+        target.layer: functools.partial(_load_float_variables, target)
+        for target in quantized_targets(backbone).values()
+    }
 
 
 def _load_float_variables(target, store):
