@@ -125,11 +125,19 @@ def _products():
         y = dot(rows, kernel, 1, 0)[:n].astype(kernel.dtype)
         return jnp.reshape(y, x.shape[:-1] + (-1,))
 
-    def product_grads(x, kernel, grad):
-        rows, grad_rows = as_rows(x), as_rows(grad)
-        grad_x = dot(grad_rows, kernel, 1, 1).astype(x.dtype)
-        grad_kernel = dot(rows, grad_rows, 0, 0).astype(kernel.dtype)
-        return jnp.reshape(grad_x, x.shape), grad_kernel
+    def gradients(out_axis):
+        """The gradients of `x @ weight` (`out_axis` 1: `weight [i, o]`) or
+        of `x @ weightᵀ` (`out_axis` 0: `weight [o, i]`) for `grad [.., o]`:
+        `grad · weight` over `o`, and `xᵀ grad` (or `gradᵀ x`)."""
+
+        def grads(x, weight, grad):
+            rows, grad_rows = as_rows(x), as_rows(grad)
+            grad_x = dot(grad_rows, weight, 1, out_axis).astype(x.dtype)
+            pair = (rows, grad_rows) if out_axis == 1 else (grad_rows, rows)
+            grad_weight = dot(*pair, 0, 0).astype(weight.dtype)
+            return jnp.reshape(grad_x, x.shape), grad_weight
+
+        return grads
 
     def product_transposed(x, matrix):
         rows = as_rows(x)
@@ -141,12 +149,6 @@ def _products():
             y = dot(matrix, jnp.stack(columns, axis=-1), 1, 0)
             y = jnp.transpose(y[:, :n])
         return jnp.reshape(y.astype(matrix.dtype), x.shape[:-1] + (-1,))
-
-    def product_transposed_grads(x, matrix, grad):
-        rows, grad_rows = as_rows(x), as_rows(grad)
-        grad_x = dot(grad_rows, matrix, 1, 0).astype(x.dtype)
-        grad_matrix = dot(grad_rows, rows, 0, 0).astype(matrix.dtype)
-        return jnp.reshape(grad_x, x.shape), grad_matrix
 
     def plain(x, kernel):
         return jnp.matmul(x, kernel)
@@ -169,8 +171,8 @@ def _products():
         return fn
 
     return (
-        with_gradients(product, product_grads, plain),
-        with_gradients(product_transposed, product_transposed_grads, plain_transposed),
+        with_gradients(product, gradients(out_axis=1), plain),
+        with_gradients(product_transposed, gradients(out_axis=0), plain_transposed),
     )
 
 
