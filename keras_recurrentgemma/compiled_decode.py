@@ -29,11 +29,12 @@ depends only on constants is computed once (`fold_constants`), and then:
   compile takes 20 to 50 seconds per batch size on a CPU (seconds once its
   on-disk cache holds the graph).
 
-Measured (`tools/benchmark_generate.py --config cpu7m --threads 1`, tokens
-a second, batch 1 / batch 8): eager 55 / 374, `"graph"` 377 / ... , HF
-transformers 283 / 1452; the 2B on two cores (`tools/benchmark_real_size.py
---torch-decode-mode graph`): 0.296 s a token against eager's 0.37 and
-HF's 0.290.
+Measured (`tools/benchmark_generate.py --config cpu7m --threads 1
+--torch-modes auto eager graph`, tokens a second, batch 1 / batch 8):
+`"auto"` 332 / 1555, `"graph"` 340 / 1574, eager 60 / 409, HF transformers
+304 / 1525 in the same run; the 2B on two cores
+(`tools/benchmark_real_size.py --torch-decode-mode graph`): 0.296 s a token
+against HF's 0.290 in the same run, and eager's 0.37-0.39.
 
 The default (`compile(jit_compile="auto")`) is `"inductor"` on CUDA and
 `"auto"` on a CPU. A step whose tracing or compilation fails runs eagerly
