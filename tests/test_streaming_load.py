@@ -221,6 +221,37 @@ def test_bfloat16_checkpoint_loads_bit_for_bit(hf_dir):
     np.testing.assert_array_equal(loaded.view(np.uint16), expected.view(np.uint16))
 
 
+def test_bfloat16_kernels_load_without_a_host_transpose(monkeypatch, tmp_path):
+    # HF stores each `nn.Linear` weight as [out, in]; our kernels are
+    # [in, out]. JAX's `device_put` transposes as it copies the read array
+    # into XLA's buffer, so the host's tiled transpose is not run there.
+    import torch
+
+    from tests.test_hf_parity import make_hf_model
+
+    config = dict(TINY_CONFIGS["griffin"])
+    hf = make_hf_model(config, config["block_types"], seed=5).to(torch.bfloat16)
+    hf.save_pretrained(str(tmp_path))
+    transposes = []
+    original = common._transpose_2d
+    monkeypatch.setattr(
+        common,
+        "_transpose_2d",
+        lambda *a, **k: transposes.append(a) or original(*a, **k),
+    )
+    backbone = RecurrentGemmaBackbone.from_preset(str(tmp_path), dtype="bfloat16")
+    if keras.config.backend() == "jax":
+        assert transposes == []
+    state = hf.state_dict()
+    for i, hf_key in [(0, "mlp_block.down_proj"), (1, "temporal_block.linear_x")]:
+        expected = state[f"model.layers.{i}.{hf_key}.weight"].float().numpy().T
+        layer = backbone.get_layer(f"residual_block_{i}")
+        kernels = [v for v in layer.weights if v.shape == expected.shape]
+        assert kernels, f"no kernel of shape {expected.shape} in block {i}"
+        loaded = [keras.ops.convert_to_numpy(v).astype(np.float32) for v in kernels]
+        assert any(np.array_equal(x, expected) for x in loaded), hf_key
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_backend_tensor_keeps_bits(dtype):
     rng = np.random.default_rng(0)
