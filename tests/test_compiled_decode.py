@@ -132,6 +132,24 @@ def test_auto_traces_only_for_a_long_enough_call(lm, monkeypatch):
 
 
 @torch_only
+def test_auto_traces_once_short_calls_add_up(lm, monkeypatch):
+    eager = generate_ids(task(lm.backbone, "eager"))
+    other = task(lm.backbone)
+    # Each call plans 19 steps, fewer than the 30 that pay for a trace: the
+    # first runs all 19 eagerly; the second traces at its 12th step, when
+    # the signature has run 30 eagerly, and decodes the rest in the graph.
+    monkeypatch.setattr(compiled_decode, "AUTO_MIN_STEPS", 30)
+    np.testing.assert_array_equal(generate_ids(other), eager)
+    assert other._torch_decode.num_traces == 0
+    np.testing.assert_array_equal(generate_ids(other), eager)
+    assert other._torch_decode.num_traces == 1
+    # Another batch size is another signature, with its own count.
+    rows = ROWS[:2]
+    generate_ids(other, rows=rows)
+    assert other._torch_decode.num_traces == 1
+
+
+@torch_only
 def test_streaming_tells_auto_how_many_steps_it_plans(lm, monkeypatch):
     from keras_recurrentgemma.streaming import stream_token_ids
 
