@@ -34,7 +34,9 @@ def test_lora_step_reports_time_memory_and_a_finite_loss(tmp_path):
 
 def test_decode_time_leaves_out_each_lengths_first_call(monkeypatch):
     # JAX compiles and TensorFlow traces generate once per padded length:
-    # both lengths must run once before either is timed.
+    # both lengths must run once before either is timed; and torch's "auto"
+    # traces once a signature has decoded AUTO_MIN_STEPS tokens, so calls
+    # of 5 tokens (4 steps) repeat until WARMUP_STEPS steps have run.
     monkeypatch.setattr(tool, "reset_peak", lambda: None)
     calls = []
     clock = iter(range(100))
@@ -45,6 +47,8 @@ def test_decode_time_leaves_out_each_lengths_first_call(monkeypatch):
         return [0] * n
 
     report = tool.measure_generate(greedy, argparse.Namespace(new_tokens=5))
-    assert calls == [1, 5, 1, 5]
+    warmup = [5] * math.ceil(tool.WARMUP_STEPS / 4)
+    assert calls == [1] + warmup + [1, 5]
+    assert report["warmup_calls"] == len(warmup)
     assert report["greedy"] == [0] * 5
     assert report["decode_s_per_token"] == 0  # one tick per timed call

@@ -134,21 +134,35 @@ def prompt_ids(length, seed=0, vocabulary_size=256000):
 # --- Children: each runs in a fresh process and prints one JSON line. -------
 
 
+# Decode steps run before the timed calls, in calls of `--new-tokens`: past
+# `compiled_decode.AUTO_MIN_STEPS` (64), after which torch's default CPU
+# decode mode has traced its step.
+WARMUP_STEPS = 128
+
+
 def measure_generate(greedy, args):
     """Peak memory of greedy generation and decode seconds per token.
 
-    `greedy(n)` generates `n` tokens. Each length is run once untimed
-    first: JAX compiles, and TensorFlow traces, `generate` once per padded
-    length, and that one-off cost is not a decode step. The time of one
-    token is then taken off that of `--new-tokens`, leaving the decode
-    steps.
+    `greedy(n)` generates `n` tokens. The first calls, one of 1 token and
+    one of `--new-tokens`, are timed together as `first_calls_s`: JAX
+    compiles, and TensorFlow traces, `generate` once per padded length,
+    and HF reads its mapped weights on first use. More calls of
+    `--new-tokens` follow until `WARMUP_STEPS` decode steps have run, so
+    that the timed calls find each implementation as repeated calls do:
+    torch's default CPU mode (`"auto"`) traces its decode step once a
+    signature has decoded `AUTO_MIN_STEPS` tokens. The time of one token is
+    then taken off that of `--new-tokens`, leaving the decode steps.
     """
     reset_peak()
     start = time.perf_counter()
     greedy(1)
     greedy(args.new_tokens)
-    # Compilation, tracing or a traced torch step's one-time cost included.
     first_calls = time.perf_counter() - start
+    steps = args.new_tokens - 1
+    warmup_calls = 1
+    while warmup_calls * steps < WARMUP_STEPS:
+        greedy(args.new_tokens)
+        warmup_calls += 1
     start = time.perf_counter()
     greedy(1)
     one = time.perf_counter() - start
@@ -160,6 +174,7 @@ def measure_generate(greedy, args):
         "generate_peak_gib": peak_gib(),
         "decode_s_per_token": (many - one) / (args.new_tokens - 1),
         "first_calls_s": first_calls,
+        "warmup_calls": warmup_calls,
     }
 
 
