@@ -5,7 +5,8 @@ sets `_loss_chunk_size`), `train_step` has `call` return the hidden states
 and `compute_loss` makes the logits `_loss_chunk_size` tokens at a time
 (`keras_recurrentgemma.chunked_loss`), updating the metrics per chunk, so
 the `[batch, seq, vocab]` logits are never held. Also loss scaling for pure
-float16 and `fit`'s warnings.
+float16 and `fit`'s warnings; on torch on a CPU, glibc's `malloc` is told
+once to return large freed blocks (`utils/host_malloc.py`).
 """
 
 import sys
@@ -14,6 +15,7 @@ import warnings
 import keras
 
 from keras_recurrentgemma import chunked_loss
+from keras_recurrentgemma.utils import host_malloc
 
 
 class TrainingMixin:
@@ -27,6 +29,10 @@ class TrainingMixin:
     _chunked_loss_step = False
 
     def train_step(self, *args, **kwargs):
+        if keras.config.backend() == "torch" and _on_cpu(self):
+            # glibc would otherwise keep, fragmented, what each step frees
+            # (`utils/host_malloc.py`); once per process.
+            host_malloc.limit_heap_retention()
         # Only inside the step does `call` return hidden states (for
         # `compute_loss`); `model(x)`, `predict` and `evaluate` get logits.
         self._chunked_loss_step = self._loss_chunk_size is not None
@@ -102,6 +108,10 @@ class TrainingMixin:
             finally:
                 if distribution is not None:
                     distribution.auto_shard_dataset = True
+
+
+def _on_cpu(model):
+    return all(v.value.device.type == "cpu" for v in model.trainable_variables[:1])
 
 
 def _shard_across_processes(args, kwargs):

@@ -231,3 +231,33 @@ def test_jax_remat_keeps_one_blocks_activations():
 
     # Measured: 0.16 of it, against 0.95 with `keras.remat`.
     assert scratch_bytes(remat=True) < 0.5 * scratch_bytes(remat=False)
+
+
+def test_torch_training_on_a_cpu_limits_glibcs_heap_retention(monkeypatch):
+    from keras_recurrentgemma.utils import host_malloc
+
+    calls = []
+    monkeypatch.setattr(host_malloc, "limit_heap_retention", lambda: calls.append(1))
+    lm = tiny_causal_lm("griffin", sequence_length=8)
+    lm.compile(optimizer="sgd")
+    ids = np.arange(1, 10, dtype="int32")[None]
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
+    lm.train_on_batch(x, ids[:, 1:])
+    # The tests run on a CPU; only torch uses glibc's heap for its tensors.
+    assert calls == ([1] if keras.config.backend() == "torch" else [])
+
+
+def test_heap_retention_limit_leaves_a_users_setting(monkeypatch):
+    import sys
+
+    from keras_recurrentgemma.utils import host_malloc
+
+    monkeypatch.setattr(host_malloc, "_done", False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert host_malloc.limit_heap_retention() is False
+    # Once per process: a second call does nothing, set or not.
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert host_malloc.limit_heap_retention() is False
+    monkeypatch.setattr(host_malloc, "_done", False)
+    # glibc's mallopt returns 1 on success; this project's CI runs on Linux.
+    assert host_malloc.limit_heap_retention() is sys.platform.startswith("linux")

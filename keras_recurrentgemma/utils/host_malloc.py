@@ -1,0 +1,56 @@
+"""glibc's `malloc`, told to hand large freed blocks back (torch on a CPU).
+
+glibc serves a request from its heap unless it is at least its "mmap
+threshold", which starts at 128 KiB and, each time a separately mapped
+block is freed, rises to that block's size (up to 32 MiB). After a first
+training step, then, every activation of the 2B's step (2.5 to 16 MB at 512
+tokens) comes from the heap, where the blocks the backward pass frees stay
+with the process, fragmented, instead of going back to the system: a LoRA
+step of the 2B (`remat=True`) peaked at 8.36 GiB with the weights and 0.5
+GiB of tensors alive (counted with a `TorchDispatchMode`), over its bound of
+the weights + 3 GiB (8.0).
+
+`mallopt(M_MMAP_THRESHOLD, 4 MiB)` fixes the threshold (it no longer rises):
+each larger block is mapped on its own and unmapped when freed. The same
+step then peaks at 7.89 GiB and runs about 5% slower (fresh pages fault in).
+At 1 MiB the peak was 7.5 GiB, but the step 35% slower.
+
+`limit_heap_retention` does this once per process, for torch training on a
+CPU only, on glibc only, and not if the user set `MALLOC_MMAP_THRESHOLD_`
+(glibc's own environment setting, which wins). It is process-wide: any
+later allocation of 4 MiB or more is mapped on its own too.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+THRESHOLD_BYTES = 4 * 2**20
+# glibc's `mallopt` parameter number for the mmap threshold (malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+_done = False
+
+
+def limit_heap_retention():
+    """Fixes glibc's mmap threshold at `THRESHOLD_BYTES`, once.
+
+    Returns:
+        bool, whether this call set it.
+    """
+    global _done
+    if _done:
+        return False
+    _done = True
+    if not sys.platform.startswith("linux"):
+        return False
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        version = libc.gnu_get_libc_version  # glibc only (not musl)
+    except (OSError, AttributeError):
+        return False
+    del version
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, THRESHOLD_BYTES))
