@@ -32,10 +32,10 @@ depends only on constants is computed once (`fold_constants`), and then:
 
 Measured (`tools/benchmark_generate.py --config cpu7m --threads 1
 --torch-modes auto eager graph`, tokens a second, batch 1 / batch 8):
-`"auto"` 332 / 1555, `"graph"` 340 / 1574, eager 60 / 409, HF transformers
-304 / 1525 in the same run; the 2B on two cores
-(`tools/benchmark_real_size.py --torch-decode-mode graph`): 0.296 s a token
-against HF's 0.290 in the same run, and eager's 0.37-0.39.
+`"auto"` 328 / 1526, `"graph"` 341 / 1491, eager 60 / 394, HF transformers
+306 / 1512 in the same run; the 2B on two cores
+(`tools/benchmark_real_size.py`, `"auto"` after its warm-up calls): 0.309
+s a token against HF's 0.297 in the same run, and eager's 0.37-0.39.
 
 The default (`compile(jit_compile="auto")`) is `"inductor"` on CUDA and
 `"auto"` on a CPU. A step whose tracing or compilation fails runs eagerly
@@ -117,8 +117,9 @@ class TorchDecodeStep:
             reused (pass something that changes when the model's set of
             variables does).
         planned_steps: int or `None`, how many steps the caller will take
-            at most. In `"auto"` a signature not yet traced is traced only
-            for at least `AUTO_MIN_STEPS`, and runs eagerly otherwise.
+            at most. In `"auto"` a signature not yet traced is traced for
+            at least `AUTO_MIN_STEPS`, or once it has run that many steps
+            eagerly (`_worth_tracing`), and runs eagerly otherwise.
     """
 
     def __init__(self, step, mode):

@@ -216,8 +216,9 @@ class GenerationMixin:
         and after `compile(jit_compile=True)`; `"auto"` by default on a CPU
         (`"graph"`, the traced step replayed as it is: eager's kernels and
         results without the Python overhead, for a call that decodes
-        enough tokens to pay for the tracing, or once traced; `"eager"`
-        before); `"eager"` after `compile(jit_compile=False)` and with
+        enough tokens to pay for the tracing, or once shorter calls of the
+        same batch size have decoded that many; `"eager"` before);
+        `"eager"` after `compile(jit_compile=False)` and with
         `run_eagerly`. Assign any of these to override the choice, `None`
         to go back to it. See `keras_recurrentgemma.compiled_decode`.
         """
