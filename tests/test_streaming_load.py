@@ -27,6 +27,19 @@ from tests.models import write_tiny_hf_checkpoint
 RANDOM_FUNCTIONS = ("normal", "uniform", "truncated_normal")
 
 
+def calls_of(monkeypatch, owner, name):
+    """The positional arguments of each call of `owner.name` from now on,
+    which still runs as before."""
+    calls, original = [], getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recorded)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     return write_tiny_hf_checkpoint(tmp_path_factory.mktemp("hf"))
@@ -198,13 +211,7 @@ def test_headers_are_checked_before_any_data_is_read(monkeypatch, hf_dir, tmp_pa
     text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size :])
 
-    reads = []
-    original = safetensors_reader._read
-    monkeypatch.setattr(
-        safetensors_reader,
-        "_read",
-        lambda *a, **k: reads.append(a) or original(*a, **k),
-    )
+    reads = calls_of(monkeypatch, safetensors_reader, "_read")
     with pytest.raises(ValueError, match=key):
         RecurrentGemmaBackbone.from_preset(str(bad))
     assert reads == []
@@ -232,13 +239,7 @@ def test_bfloat16_kernels_load_without_a_host_transpose(monkeypatch, tmp_path):
     config = dict(TINY_CONFIGS["griffin"])
     hf = make_hf_model(config, config["block_types"], seed=5).to(torch.bfloat16)
     hf.save_pretrained(str(tmp_path))
-    transposes = []
-    original = common._transpose_2d
-    monkeypatch.setattr(
-        common,
-        "_transpose_2d",
-        lambda *a, **k: transposes.append(a) or original(*a, **k),
-    )
+    transposes = calls_of(monkeypatch, common, "_transpose_2d")
     backbone = RecurrentGemmaBackbone.from_preset(str(tmp_path), dtype="bfloat16")
     if keras.config.backend() == "jax":
         assert transposes == []
