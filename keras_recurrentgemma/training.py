@@ -111,7 +111,9 @@ class TrainingMixin:
 
 
 def _on_cpu(model):
-    return all(v.value.device.type == "cpu" for v in model.trainable_variables[:1])
+    # One variable, as `torch_decode_mode` reads it: `trainable_variables`
+    # would walk every layer at every step.
+    return model.backbone.token_embedding.embeddings.value.device.type == "cpu"
 
 
 def _shard_across_processes(args, kwargs):
