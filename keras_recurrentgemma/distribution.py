@@ -28,21 +28,21 @@ def get_layout_map(
         weight                          shape                    layout
         token_embedding/embeddings      [vocab, hidden]          (model, data)
         attention_block/
-          proj_q/kernel                 [hidden, heads·head_dim] (data, model)
-          proj_k/kernel, proj_v/kernel  [hidden, head_dim]       replicated
-          proj_final/kernel             [heads·head_dim, hidden] (model, data)
+          proj_q/kernel                 [heads·head_dim, hidden] (model, data)
+          proj_k/kernel, proj_v/kernel  [head_dim, hidden]       replicated
+          proj_final/kernel             [hidden, heads·head_dim] (data, model)
         recurrent_block/
-          linear_x|linear_y/kernel      [hidden, lru]            (data, model)
+          linear_x|linear_y/kernel      [lru, hidden]            (model, data)
           linear_x|linear_y/bias        [lru]                    (model,)
           conv_1d/w                     [conv_width, lru]        (None, model)
           conv_1d/b, rg_lru/a_param     [lru]                    (model,)
           rg_lru/input_gate|a_gate/w    [heads, block, block]    replicated
           rg_lru/input_gate|a_gate/b    [heads, block]           replicated
-          linear_out/kernel             [lru, hidden]            (model, data)
+          linear_out/kernel             [hidden, lru]            (data, model)
         mlp_block/
-          ffw_gate|ffw_up/kernel        [hidden, intermediate]   (data, model)
+          ffw_gate|ffw_up/kernel        [intermediate, hidden]   (model, data)
           ffw_gate|ffw_up/bias          [intermediate]           (model,)
-          ffw_down/kernel               [intermediate, hidden]   (model, data)
+          ffw_down/kernel               [hidden, intermediate]   (data, model)
         norm scales, proj_final/bias,
           linear_out/bias, ffw_down/bias                         replicated
 
@@ -139,8 +139,10 @@ def get_layout_map(
         )
 
     model, data = model_parallel_dim_name, data_parallel_dim_name
-    column = (data, model)
-    row = (model, data)
+    # Kernels are `[out, in]` (`layers.dense.Dense`): split by output columns,
+    # their first axis is the model axis; split by input rows, the second.
+    column = (model, data)
+    row = (data, model)
 
     layout_map = keras.distribution.LayoutMap(device_mesh)
     layout_map[_SCOPE + "token_embedding/embeddings"] = (model, data)

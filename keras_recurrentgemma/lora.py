@@ -16,8 +16,9 @@ KerasHub's `Backbone` does the LoRA work (freeze everything, call
   `load_lora_weights` assigns anything, and names the file and the first
   mismatch.
 
-Only `keras.layers.Dense` layers take LoRA here: KerasHub's file layout has
-no place for an embedding's factors (`lora_embeddings_{a,b}`).
+Only our `Dense` layers (Keras `EinsumDense`s with kernels `[out, in]`) take
+LoRA here: KerasHub's file layout has no place for an embedding's factors
+(`lora_embeddings_{a,b}`).
 
 Training checkpoints (`save_weights`, `ModelCheckpoint`, `BackupAndRestore`)
 keep the factors through our `Dense` (`layers/lora_state.py`).
@@ -28,10 +29,10 @@ import json
 import os
 
 import h5py
-import keras
 import numpy as np
 from keras_hub.models import Backbone
 
+from keras_recurrentgemma.layers.dense import Dense
 from keras_recurrentgemma.utils.lists import one_or_more
 
 # Attention query and value projections, and the recurrent block's two input
@@ -40,6 +41,11 @@ DEFAULT_LORA_TARGETS = ("proj_q", "proj_v", "linear_x", "linear_y")
 
 # Root attribute holding the JSON description of the model that saved a file.
 METADATA_KEY = "keras_recurrentgemma_lora"
+# The metadata's `kernel_layout`: our kernels are `[out, in]`, so `A [out, r]`,
+# `B [r, in]`. Files written before (0.1, no such entry) hold the factors of
+# the kernel `[in, out]`: `A' [in, r]`, `B' [r, out]`, the same update as
+# `A = B'ᵀ`, `B = A'ᵀ`; `load_lora_weights` reads them so.
+KERNEL_LAYOUT = "oi"
 SUFFIX = ".lora.h5"
 
 
@@ -75,7 +81,7 @@ def enabled_layers(backbone):
 
 
 def supports_lora(layer):
-    return isinstance(layer, keras.layers.Dense)
+    return isinstance(layer, Dense)
 
 
 def lora_layer_names(backbone):
@@ -115,6 +121,7 @@ def freeze_biases(backbone):
 
 def _metadata(backbone):
     return {
+        "kernel_layout": KERNEL_LAYOUT,
         "rank": lora_rank(backbone),
         "target_layer_names": list(backbone._lora_target_layer_names),
         "layers": {
@@ -218,11 +225,11 @@ def planned_layers(backbone, target_layer_names):
 
 
 def factor_shapes(layer, rank):
-    """Shapes of a `Dense` layer's `lora_kernel_a` and `lora_kernel_b`.
-
-    The input width comes from the input spec `Dense.build` sets, which
-    holds for quantized (packed) kernels too."""
-    return (layer.input_spec.axes[-1], rank), (rank, layer.units)
+    """Shapes of a `Dense` layer's `lora_kernel_a` `[out, r]` and
+    `lora_kernel_b` `[r, in]` (Keras's `EinsumDense` LoRA of a kernel
+    `[out, in]`)."""
+    units, width = layer.float_kernel_shape()
+    return (units, rank), (rank, width)
 
 
 def check_lora_file_matches(backbone, filepath, rank, metadata, shapes):
@@ -271,6 +278,8 @@ def check_lora_file_matches(backbone, filepath, rank, metadata, shapes):
                 "architecture."
             )
         expected = factor_shapes(layer, rank)
+        if _earlier_layout(metadata):
+            expected = (expected[1][::-1], expected[0][::-1])
         if (a_shape, b_shape) != expected:
             raise ValueError(
                 f"{where}: the LoRA factors of `{layer.path}` have shapes "
@@ -289,4 +298,19 @@ def load_lora_weights(backbone, filepath):
     targets = check_lora_file_matches(backbone, filepath, rank, metadata, shapes)
     if not enabled_layers(backbone):
         backbone.enable_lora(rank, target_layer_names=targets)
-    Backbone.load_lora_weights(backbone, filepath)
+    if not _earlier_layout(metadata):
+        Backbone.load_lora_weights(backbone, filepath)
+        return
+    with h5py.File(filepath, "r") as f:
+        for i, layer in planned_layers(backbone, targets):
+            entry = f[f"lora/{i}/vars"]
+            a, b = entry["lora_kernel_a"][()], entry["lora_kernel_b"][()]
+            layer.lora_kernel_a.assign(b.T)
+            layer.lora_kernel_b.assign(a.T)
+
+
+def _earlier_layout(metadata):
+    """Whether a file's factors are those of kernels `[in, out]` (see
+    `KERNEL_LAYOUT`); a file without our metadata (KerasHub's) is taken as
+    it is."""
+    return metadata is not None and metadata.get("kernel_layout") != KERNEL_LAYOUT

@@ -36,25 +36,26 @@ MESH_SHAPE = (2, 4)
 AXES = ("batch", "model")
 
 # The docstring's table restated by hand, so that the test checks the map
-# against the documented layout rather than against itself. Keys are paths
+# against the documented layout rather than against itself. Kernels are
+# `[out, in]`: split by output columns, the model axis comes first. Keys are paths
 # with `residual_block_<i>/` removed; unlisted weights are replicated.
 EXPECTED_LAYOUT = {
     "token_embedding/embeddings": ("model", "batch"),
-    "attention_block/proj_q/kernel": ("batch", "model"),
-    "attention_block/proj_final/kernel": ("model", "batch"),
-    "recurrent_block/linear_x/kernel": ("batch", "model"),
-    "recurrent_block/linear_y/kernel": ("batch", "model"),
+    "attention_block/proj_q/kernel": ("model", "batch"),
+    "attention_block/proj_final/kernel": ("batch", "model"),
+    "recurrent_block/linear_x/kernel": ("model", "batch"),
+    "recurrent_block/linear_y/kernel": ("model", "batch"),
     "recurrent_block/linear_x/bias": ("model",),
     "recurrent_block/linear_y/bias": ("model",),
     "recurrent_block/conv_1d/w": (None, "model"),
     "recurrent_block/conv_1d/b": ("model",),
     "recurrent_block/rg_lru/a_param": ("model",),
-    "recurrent_block/linear_out/kernel": ("model", "batch"),
-    "mlp_block/ffw_gate/kernel": ("batch", "model"),
-    "mlp_block/ffw_up/kernel": ("batch", "model"),
+    "recurrent_block/linear_out/kernel": ("batch", "model"),
+    "mlp_block/ffw_gate/kernel": ("model", "batch"),
+    "mlp_block/ffw_up/kernel": ("model", "batch"),
     "mlp_block/ffw_gate/bias": ("model",),
     "mlp_block/ffw_up/bias": ("model",),
-    "mlp_block/ffw_down/kernel": ("model", "batch"),
+    "mlp_block/ffw_down/kernel": ("batch", "model"),
 }
 KEY_VALUE = re.compile(r"attention_block/proj_(k|v)/kernel$")
 
@@ -115,7 +116,7 @@ def test_no_data_axis_keeps_weights_whole_across_replicas():
 def test_layout_map_reaches_paths_under_a_name_scope():
     layout_map = get_layout_map(fake_mesh())
     path = "outer/residual_block_3/mlp_block/ffw_down/kernel"
-    assert tuple(layout_map[path].axes) == ("model", "batch")
+    assert tuple(layout_map[path].axes) == ("batch", "model")
 
 
 @pytest.mark.parametrize(

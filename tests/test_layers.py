@@ -298,16 +298,13 @@ def test_local_attention_matches_numpy(window):
     layer = LocalAttentionBlock(D, HEADS, window)
     layer.build(x.shape)
     randomize_weights(layer)
-    weights = [
-        to_numpy(v)
-        for v in (
-            layer.proj_q.kernel,
-            layer.proj_k.kernel,
-            layer.proj_v.kernel,
-            layer.proj_final.kernel,
-            layer.proj_final.bias,
-        )
+    # The reference multiplies `x @ W` with `W [in, out]`; ours are
+    # stored `[out, in]`.
+    kernels = [
+        to_numpy(dense.kernel).T
+        for dense in (layer.proj_q, layer.proj_k, layer.proj_v, layer.proj_final)
     ]
+    weights = kernels + [to_numpy(layer.proj_final.bias)]
     expected = numpy_local_attention(x, SEGMENT_POS, window, HEADS, *weights)
     real = SEGMENT_POS >= 0
     y, _ = layer(x, SEGMENT_POS)

@@ -80,12 +80,12 @@ def test_fit_lowers_loss_and_leaves_frozen_weights_bit_identical(tuned):
 
 
 def test_a_lora_layer_applies_its_factors_unmerged(monkeypatch):
-    # Keras's float call builds W + s·A B (a full [i, o] tensor, which the
+    # Keras's float call builds W + s·A B (a full [out, in] tensor, which the
     # backward pass keeps) by reading `kernel`; ours must not read it, and
     # must give the merged form's outputs and factor gradients.
     rng = np.random.default_rng(0)
     layer = Dense(6, dtype="float32")
-    layer.build((None, 5))
+    layer.build((None, None, 5))
     layer.enable_lora(2)
     for variable in layer.weights:
         variable.assign(rng.normal(size=variable.shape).astype("float32"))
@@ -94,15 +94,15 @@ def test_a_lora_layer_applies_its_factors_unmerged(monkeypatch):
         for v in (layer._kernel, layer.bias, layer.lora_kernel_a, layer.lora_kernel_b)
     )
     s = layer.lora_alpha / layer.lora_rank
-    x = rng.normal(size=(3, 5)).astype("float32")
-    g = rng.normal(size=(3, 6)).astype("float32")
+    x = rng.normal(size=(1, 3, 5)).astype("float32")
+    g = rng.normal(size=(1, 3, 6)).astype("float32")
 
     def refuse(self):
         raise AssertionError("the call built the merged kernel")
 
     monkeypatch.setattr(Dense, "kernel", property(refuse))
     np.testing.assert_allclose(
-        to_numpy(layer(x)), x @ (w + s * a @ b) + bias, **LORA_MERGED["float32"]
+        to_numpy(layer(x)), x @ (w + s * a @ b).T + bias, **LORA_MERGED["float32"]
     )
 
     def weighted_sum(factor_a, factor_b):
@@ -115,18 +115,22 @@ def test_a_lora_layer_applies_its_factors_unmerged(monkeypatch):
     _, (grad_a, grad_b) = value_and_grad(
         weighted_sum, a.astype("float32"), b.astype("float32")
     )
-    np.testing.assert_allclose(grad_a, s * x.T @ g @ b.T, **LORA_MERGED["float32"])
-    np.testing.assert_allclose(grad_b, s * (x @ a).T @ g, **LORA_MERGED["float32"])
+    # y = s · x Bᵀ Aᵀ over rows x [n, in], upstream g [n, out].
+    rows, up = x[0], g[0]
+    np.testing.assert_allclose(
+        grad_a, s * up.T @ (rows @ b.T), **LORA_MERGED["float32"]
+    )
+    np.testing.assert_allclose(grad_b, s * a.T @ up.T @ rows, **LORA_MERGED["float32"])
 
 
 def test_a_16_bit_lora_layer_keeps_its_dtype():
     # Float32 factors under a bfloat16 kernel: the low-rank term is cast to
     # the layer's compute dtype, as Keras's merged kernel is.
     layer = Dense(4, dtype="bfloat16")
-    layer.build((None, 3))
+    layer.build((None, None, 3))
     layer.enable_lora(2)
     layer.lora_kernel_b.assign(np.ones(layer.lora_kernel_b.shape, "float32"))
-    out = layer(np.ones((2, 3), "float32"))
+    out = layer(np.ones((1, 2, 3), "float32"))
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
 
 

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_recurrentgemma.layers import kernel_layout
 from keras_recurrentgemma.layers.dense import Dense
 from keras_recurrentgemma.layers.lora_state import merged_weights_only
 from tests.tolerances import SELF_CONSISTENCY
@@ -22,9 +23,9 @@ def to_numpy(x):
 def lora_dense(rank=2, seed=0, quantize=None):
     """A built `Dense` with random kernel, bias and (non-zero) factors."""
     layer = Dense(OUT)
-    layer.build((None, IN))
+    layer.build((None, None, IN))
     rng = np.random.default_rng(seed)
-    layer.kernel.assign(rng.normal(size=(IN, OUT)).astype("float32"))
+    layer.kernel.assign(rng.normal(size=(OUT, IN)).astype("float32"))
     layer.bias.assign(rng.normal(size=(OUT,)).astype("float32"))
     if quantize:
         layer.quantize(quantize, type_check=False)  # as our `quantize` calls it
@@ -41,18 +42,24 @@ def saved(layer):
     return {key: to_numpy(value) for key, value in store.items()}
 
 
+def entries(store):
+    """The store's keys but the layout mark every entry has
+    (`layers.kernel_layout`)."""
+    return sorted(key for key in store if key != kernel_layout.KEY)
+
+
 def raw_state(layer):
     """Every variable as stored, the frozen kernel unmerged."""
     return {v.path.rsplit("/", 1)[-1]: to_numpy(v) for v in layer.weights}
 
 
-X = np.random.default_rng(9).normal(size=(3, IN)).astype("float32")
+X = np.random.default_rng(9).normal(size=(1, 3, IN)).astype("float32")
 
 
 def test_entries_hold_the_merged_kernel_first_and_the_factors_apart():
     layer = lora_dense()
     store = saved(layer)
-    assert sorted(store) == [
+    assert entries(store) == [
         "0",
         "1",
         "lora_kernel_a",
@@ -62,9 +69,9 @@ def test_entries_hold_the_merged_kernel_first_and_the_factors_apart():
     np.testing.assert_array_equal(store["0"], to_numpy(layer.kernel))  # merged
     np.testing.assert_array_equal(store["unmerged_kernel"], to_numpy(layer._kernel))
     with merged_weights_only():
-        assert sorted(saved(layer)) == ["0", "1"]
+        assert entries(saved(layer)) == ["0", "1"]
     # Without LoRA the entries are exactly Keras's.
-    assert sorted(saved(lora_dense(rank=0))) == ["0", "1"]
+    assert entries(saved(lora_dense(rank=0))) == ["0", "1"]
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

@@ -309,9 +309,14 @@ def test_loaded_weights_are_the_checkpoint_tensors(references):
     backbone = ref.ours("float32")
     weights = {v.path: keras.ops.convert_to_numpy(v) for v in backbone.weights}
     block0 = ref.params["blocks.0"]
+    # Official kernels are `[in, out]`, ours `[out, in]`.
     np.testing.assert_array_equal(
         weights["residual_block_0/mlp_block/ffw_gate/kernel"],
-        block0["mlp_block"]["ffw_up"]["w"][0],
+        block0["mlp_block"]["ffw_up"]["w"][0].T,
+    )
+    np.testing.assert_array_equal(
+        weights["residual_block_0/recurrent_block/linear_x/kernel"],
+        block0["recurrent_block"]["linear_x"]["kernel"].T,
     )
     np.testing.assert_array_equal(
         weights["residual_block_0/mlp_block/ffw_up/bias"],

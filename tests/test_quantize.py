@@ -24,6 +24,7 @@ from keras import ops
 
 from keras_recurrentgemma import RecurrentGemmaBackbone
 from keras_recurrentgemma import RecurrentGemmaCausalLM
+from keras_recurrentgemma.layers.dense import Dense
 from tests.models import assert_same_weights
 from tests.models import randomize
 from tests.models import tiny_causal_lm
@@ -136,10 +137,9 @@ def pair(quantize_warnings, stale_generate_functions):
 def test_projections_and_embedding_become_int8(pair, quantize_warnings):
     reference, quantized = pair
     dense = [
-        layer.path
-        for layer in reference._flatten_layers()
-        if isinstance(layer, keras.layers.Dense)
+        layer.path for layer in reference._flatten_layers() if isinstance(layer, Dense)
     ]
+    assert dense
     assert quantized_paths(quantized) == sorted(dense + ["token_embedding"])
     weights = {v.path: v for v in quantized.weights}
     for path in dense:
@@ -289,9 +289,7 @@ def test_keras_file_round_trip(pair, token_ids, tmp_path):
 def test_backbone_quantize_also_takes_the_embedding():
     backbone = float_model().backbone
     dense = [
-        layer.path
-        for layer in backbone._flatten_layers()
-        if isinstance(layer, keras.layers.Dense)
+        layer.path for layer in backbone._flatten_layers() if isinstance(layer, Dense)
     ]
     quantize(backbone, "int8")
     assert quantized_paths(backbone) == sorted(dense + ["token_embedding"])

@@ -214,6 +214,7 @@ def test_weights_file_keeps_factors_and_a_merged_kernel(runners, tmp_path):
         assert sorted(group) == [
             "0",
             "1",
+            "kernel_layout_oi",  # `layers.kernel_layout`
             "lora_kernel_a",
             "lora_kernel_b",
             "unmerged_kernel",

@@ -229,9 +229,8 @@ def test_bfloat16_checkpoint_loads_bit_for_bit(hf_dir):
 
 
 def test_bfloat16_kernels_load_without_a_host_transpose(monkeypatch, tmp_path):
-    # HF stores each `nn.Linear` weight as [out, in]; our kernels are
-    # [in, out]. JAX's `device_put` transposes as it copies the read array
-    # into XLA's buffer, so the host's tiled transpose is not run there.
+    # HF stores each `nn.Linear` weight as [out, in], as our kernels are: the
+    # loader copies it as it is, on every backend.
     import torch
 
     from tests.test_hf_parity import make_hf_model
@@ -241,16 +240,22 @@ def test_bfloat16_kernels_load_without_a_host_transpose(monkeypatch, tmp_path):
     hf.save_pretrained(str(tmp_path))
     transposes = calls_of(monkeypatch, common, "_transpose_2d")
     backbone = RecurrentGemmaBackbone.from_preset(str(tmp_path), dtype="bfloat16")
-    if keras.config.backend() == "jax":
-        assert transposes == []
+    # Only the depthwise conv weights, `(l, 1, k)` -> `(k, l)`, are
+    # transposed (on torch and TensorFlow; JAX's `device_put` does it).
+    conv_shapes = {
+        tuple(v.shape) for v in backbone.weights if v.path.endswith("conv_1d/w")
+    }
+    assert {tuple(args[0].shape) for args in transposes} <= conv_shapes
     state = hf.state_dict()
-    for i, hf_key in [(0, "mlp_block.down_proj"), (1, "temporal_block.linear_x")]:
-        expected = state[f"model.layers.{i}.{hf_key}.weight"].float().numpy().T
-        layer = backbone.get_layer(f"residual_block_{i}")
-        kernels = [v for v in layer.weights if v.shape == expected.shape]
-        assert kernels, f"no kernel of shape {expected.shape} in block {i}"
-        loaded = [keras.ops.convert_to_numpy(v).astype(np.float32) for v in kernels]
-        assert any(np.array_equal(x, expected) for x in loaded), hf_key
+    for i, hf_key, ours in [
+        (0, "mlp_block.down_proj", "mlp_block/ffw_down"),
+        (1, "temporal_block.linear_x", "recurrent_block/linear_x"),
+    ]:
+        expected = state[f"model.layers.{i}.{hf_key}.weight"].float().numpy()
+        variables = {v.path: v for v in backbone.weights}
+        loaded = variables[f"residual_block_{i}/{ours}/kernel"]
+        loaded = keras.ops.convert_to_numpy(loaded).astype(np.float32)
+        np.testing.assert_array_equal(loaded, expected, err_msg=hf_key)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

@@ -164,7 +164,8 @@ def official_tree(backbone, block_scale=1.0):
 
     The inverse of `backbone_from_official`: below `blocks.i/` every tensor
     keeps its name, except the MLP's gate and up projections, which the
-    official model stacks into one `ffw_up`. Block weights other than norm
+    official model stacks into one `ffw_up`; kernels are transposed to
+    `[in, out]`. Block weights other than norm
     scales and `a_param` are multiplied by `block_scale`.
     """
     tree = {}
@@ -181,6 +182,8 @@ def official_tree(backbone, block_scale=1.0):
     stacked = {}
     for v in backbone.weights:
         value = np.asarray(_numpy(v))
+        if v.path.endswith("/kernel"):
+            value = value.T  # ours `[out, in]`, official `[in, out]`
         top, _, rest = v.path.partition("/")
         if top == "token_embedding":
             put("embedder/input_embedding", value)
@@ -216,10 +219,8 @@ def hf_state_dict(backbone, torch_dtype):
     values = {v.path: np.asarray(_numpy(v), np.float32) for v in backbone.weights}
     state = {}
     for path, key, transform in weight_map(backbone):
-        array = values[path]
-        if transform == "linear":
-            array = array.T
-        elif transform == "conv":
+        array = values[path]  # "linear": HF's `[out, in]`, as ours
+        if transform == "conv":
             array = array.T[:, None, :]
         state[key] = torch.from_numpy(np.ascontiguousarray(array)).to(torch_dtype)
     return state

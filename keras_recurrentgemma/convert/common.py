@@ -22,7 +22,6 @@ from numpy.lib.stride_tricks import as_strided
 
 from keras_recurrentgemma.convert.quantize_on_load import quantize_tensor
 from keras_recurrentgemma.convert.quantize_on_load import quantized_targets
-from keras_recurrentgemma.ops import matmul_layout
 from keras_recurrentgemma.utils import host_arrays
 
 # Set by `show_progress()`: converters then report each tensor they load.
@@ -257,13 +256,10 @@ def assign_backbone_weights(backbone, tensors, source):
         if isinstance(array, LazyTensor):
             array = array.read()
         release_placeholder(variable)
-        # A column-major kernel (torch on a CPU) takes the transposed view
-        # of an `nn.Linear` weight as it is: one straight copy, no transpose.
-        order = "F" if matmul_layout.stored_column_major(variable) else "C"
         # Rebinding drops the array as read before `assign` makes the
         # variable's copy, when `host_copy` made one.
         if not _transposes_while_copying(array, variable.dtype):
-            array = host_copy(array, variable.dtype, order)
+            array = host_copy(array, variable.dtype)
         variable.assign(backend_tensor(array))
         del array
 
@@ -377,19 +373,15 @@ def _transpose_2d(array, tile=256):
     return out.view(array.dtype)
 
 
-def host_copy(array, dtype, order="C"):
+def host_copy(array, dtype):
     """`array` as a C-contiguous, writable numpy array in `dtype`.
 
     At most one copy, none for a freshly read tensor already in `dtype`:
     a transposed view, another dtype, or a read-only (memory-mapped) array
     is copied once (twice for a transposed view in another dtype), into
     aligned memory (`host_arrays`). Backends may alias the array they are
-    given, so a read-only map is never handed over as is. `order="F"` gives a
-    Fortran-ordered (column-major) array by the same rules: none for the
-    transposed view of a freshly read tensor.
+    given, so a read-only map is never handed over as is.
     """
-    if order == "F":
-        return host_copy(np.asarray(array).T, dtype).T
     array = np.asarray(array)
     dtype = np.dtype(dtype)
     if array.ndim == 2 and array.flags.f_contiguous and not array.flags.c_contiguous:

@@ -260,9 +260,9 @@ def is_huggingface_checkpoint(path):
 def weight_map(backbone):
     """`[(variable path, HF key, transform)]` for every backbone variable.
 
-    transform: "linear" transposes an `nn.Linear` weight `(out, in)` to a
-    Keras kernel `(in, out)`; "conv" turns HF's depthwise `(l, 1, k)` into
-    `(k, l)`; None copies as is.
+    transform: "linear" takes an `nn.Linear` weight `(out, in)` as it is,
+    our kernels' layout (`layers.dense.Dense`); "conv" turns HF's depthwise
+    `(l, 1, k)` into `(k, l)`; None copies as is.
     """
     entries = [
         ("token_embedding/embeddings", "model.embed_tokens.weight", None),
@@ -321,8 +321,6 @@ def _transform(array, transform, key, source):
             f"{source}: tensor `{key}` has shape {tuple(array.shape)}; expected "
             f"{want_ndim} dimensions."
         )
-    if transform == "linear":
-        return array.T
     if transform == "conv":
         if array.shape[1] != 1:
             raise ValueError(

@@ -7,8 +7,9 @@ shapes, builds a `RecurrentGemmaBackbone` and loads every tensor, all or
 nothing: a missing, unexpected or mis-shaped tensor is a `ValueError` that
 names it.
 
-Official Dense kernels are stored `(in, out)` like Keras, so only the stacked
-MLP input projection needs reshaping; every other tensor keeps its shape and,
+Official Dense kernels are stored `(in, out)`; ours are `(out, in)`
+(`layers.dense.Dense`), so every kernel is transposed, and the stacked MLP
+input projection is split in two; every other tensor keeps its shape and,
 below `blocks.i/`, its name.
 
 The tree is released in two file formats, read by `convert/orbax.py` (Flax)
@@ -36,7 +37,7 @@ _OFFICIAL_DEFAULTS = dict(
 )
 
 # Variable suffixes under `residual_block_i/` whose official name below
-# `blocks.i/` is identical and whose layout already matches.
+# `blocks.i/` is identical; those ending in `/kernel` are transposed.
 _SHARED = (
     "temporal_pre_norm/scale",
     "channel_pre_norm/scale",
@@ -211,7 +212,10 @@ def _block_tensors(source, i, block_type):
     tensors = {}
     for name in _SHARED + (_RECURRENT if block_type == "recurrent" else _ATTENTION):
         key = f"{theirs}/{name}"
-        tensors[f"{ours}/{name}"] = (key, source.take(key))
+        tensor = source.take(key)
+        if name.endswith("/kernel"):
+            tensor = tensor.T  # (in, out) -> our (out, in); lazy stays lazy
+        tensors[f"{ours}/{name}"] = (key, tensor)
 
     # `ffw_up` is one Einsum holding the gate (index 0, the GELU branch) and
     # the linear branch (index 1); we keep them as two Dense layers.
@@ -234,7 +238,7 @@ def _block_tensors(source, i, block_type):
     for index, name in halves:
         tensors[f"{ours}/mlp_block/{name}/kernel"] = (
             f"{w_key}[{index}]",
-            w[index : index + 1][0],
+            w[index : index + 1][0].T,
         )
     for index, name in halves:
         tensors[f"{ours}/mlp_block/{name}/bias"] = (

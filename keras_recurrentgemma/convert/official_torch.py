@@ -238,32 +238,32 @@ def params_from_torch_state_dict(state_dict):
 def _lazy_leaf(tensor, transpose, regions):
     """A `LazyTensor` for one tensor of a loaded state dict.
 
-    Reading it copies the tensor out of the memory-mapped file (transposed
-    in the same pass for an `nn.Linear` weight), then drops the file's pages
-    it touched from this process (`_release_pages`), so the pages of the
-    whole file do not pile up while the model loads. A row slice (how
-    `official.build_backbone` splits `ffw_up`) reads only those rows.
+    Reading it copies the tensor out of the memory-mapped file, then drops
+    the file's pages it touched from this process (`_release_pages`), so
+    the pages of the whole file do not pile up while the model loads. An
+    `nn.Linear` weight is the read transposed, lazily: `official` transposes
+    the Flax kernel back to our `[out, in]`, and the two cancel before any data
+    moves. A row slice (how `official.build_backbone` splits `ffw_up`) reads
+    only those rows.
     """
-    shape = tuple(tensor.shape)[::-1] if transpose else tuple(tensor.shape)
     dtype = to_numpy(tensor.new_empty(0)).dtype
     read_rows = None
-    if not transpose and tensor.ndim:
+    if tensor.ndim:
 
         def read_rows(start, stop):
-            return _read_tensor(tensor, False, regions, rows=(start, stop))
+            return _read_tensor(tensor, regions, rows=(start, stop))
 
-    return LazyTensor(
-        shape, dtype, lambda: _read_tensor(tensor, transpose, regions), read_rows
+    lazy = LazyTensor(
+        tuple(tensor.shape), dtype, lambda: _read_tensor(tensor, regions), read_rows
     )
+    return lazy.T if transpose else lazy
 
 
-def _read_tensor(tensor, transpose, regions, rows=None):
+def _read_tensor(tensor, regions, rows=None):
     """A fresh C-contiguous copy of `tensor` (rows `start:stop` of it)."""
     view = to_numpy(tensor)  # shares the mapped file's pages, no copy
     if rows is not None:
         view = view[rows[0] : rows[1]]
-    if transpose:
-        view = view.T
     # Read-only, so that `host_copy` copies even a contiguous view: the
     # pages below are dropped, and the model must not alias the file.
     view.flags.writeable = False

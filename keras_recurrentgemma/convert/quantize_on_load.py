@@ -21,6 +21,10 @@ import gc
 import keras
 import numpy as np
 
+from keras_recurrentgemma.layers import kernel_layout
+from keras_recurrentgemma.layers.dense import EQUATION
+from keras_recurrentgemma.layers.dense import Dense
+
 # Keras quantizes each weight on its own in these modes; float8 only changes
 # how a float kernel is used, so there is nothing to save by doing it early.
 QUANTIZE_ON_LOAD_MODES = ("int8", "int4")
@@ -162,9 +166,8 @@ def quantized_targets(backbone):
             target = QuantizedTarget(
                 layer, "embeddings", (layer.input_dim, layer.output_dim)
             )
-        elif isinstance(layer, keras.layers.Dense):
-            kernel = next(v for v in layer.weights if v.path.endswith("/kernel"))
-            target = QuantizedTarget(layer, "kernel", (kernel.shape[0], layer.units))
+        elif isinstance(layer, Dense):
+            target = QuantizedTarget(layer, "kernel", layer.float_kernel_shape())
         else:
             raise ValueError(
                 f"layer `{layer.path}` ({type(layer).__name__}) is quantized, "
@@ -184,10 +187,10 @@ def _proxy(target, rows, cols):
         )
         proxy.build()
     else:
-        proxy = keras.layers.Dense(
-            cols, use_bias=False, kernel_initializer="zeros", dtype=dtype
+        proxy = keras.layers.EinsumDense(
+            EQUATION, (None, rows), kernel_initializer="zeros", dtype=dtype
         )
-        proxy.build((rows,))
+        proxy.build((1, 1, cols))
     return proxy
 
 
@@ -212,14 +215,15 @@ def _no_collect():
 def quantize_tensor(target, array):
     """Quantizes one float tensor as `target.layer.quantize(mode)` would.
 
-    Slices go along the axis the scales are per-element of (rows of the
-    embedding, columns of a Dense kernel), so every slice quantizes
-    independently and the pieces are exactly the whole's.
+    Slices go along the axis the scales are per-element of, the first of
+    both an embedding `[v, d]` and a Dense kernel `[out, in]`, so every slice
+    quantizes independently and the pieces are exactly the whole's (an int4
+    Dense kernel is quantized whole; see below).
 
-    An embedding's rows are read a slice at a time when `array` can read
-    rows alone (a `common.LazyTensor` of a safetensors file, an h5py
-    dataset), so the whole float table (1.2 GiB for the 2B, 2 GiB for the
-    9B) is never in memory. A Dense kernel, sliced by columns, is read whole.
+    The rows are read a slice at a time when `array` can read rows alone
+    (a `common.LazyTensor` of a safetensors file, an h5py dataset), so the
+    whole float table (1.2 GiB for the 2B, 2 GiB for the 9B) or kernel is
+    never in memory.
 
     Args:
         target: a `QuantizedTarget`.
@@ -235,16 +239,19 @@ def quantize_tensor(target, array):
 
     layer = target.layer
     mode = layer.quantization_mode
-    axis = 0 if isinstance(layer, keras.layers.Embedding) else 1
-    if axis == 1 or not _reads_rows(array):
+    if not _reads_rows(array):
         array = array.read() if hasattr(array, "read") else np.asarray(array)
-    length = target.float_shape[axis]
-    other = target.float_shape[1 - axis]
+    length, other = target.float_shape
     itemsize = max(
         np.dtype(array.dtype).itemsize, np.dtype(target.float_dtype).itemsize
     )
     step = max(2, _SLICE_BYTES // max(1, other * itemsize))
-    step -= step % 2  # int4 packs pairs along a Dense kernel's columns
+    step -= step % 2  # int4 packs pairs along a Dense kernel's outputs
+    if mode == "int4" and isinstance(layer, Dense):
+        # Keras's int4 `EinsumDense` groups the kernel `[out, in]` reshaped
+        # (not transposed) to `[in, out]`, so its groups cross output rows:
+        # only the whole kernel quantizes as `quantize` does.
+        step = length
     outputs = {
         name: np.empty(tuple(v.shape), keras.backend.standardize_dtype(v.dtype))
         for name, v in target.variables.items()
@@ -252,7 +259,7 @@ def quantize_tensor(target, array):
     offsets = dict.fromkeys(outputs, 0)
     for start in range(0, length, step):
         rows = slice(start, start + step)
-        piece = array[rows] if axis == 0 else array[:, rows]
+        piece = array[rows]
         if hasattr(piece, "read"):  # a LazyTensor's rows, read now
             piece = piece.read()
         piece = host_copy(piece, target.float_dtype)
@@ -340,6 +347,8 @@ def float_weight_loads(backbone):
 
 def _load_float_variables(target, store):
     layer = target.layer
+    if isinstance(layer, Dense):  # a file from before `[out, in]` reads as today's
+        store = kernel_layout.current(store, layer.path, quantized=False)
     names = [
         name
         for name in layer.variable_serialization_spec[None]

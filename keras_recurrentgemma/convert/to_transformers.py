@@ -319,16 +319,13 @@ def _merge_lora(kernel, layer):
 
 
 def _hf_shape(shape, transform):
-    if transform == "linear":  # Keras (in, out) -> nn.Linear (out, in)
-        return shape[::-1]
+    # "linear": our kernels are `nn.Linear`'s (out, in) already.
     if transform == "conv":  # our (k, l) -> depthwise Conv1d (l, 1, k)
         return (shape[1], 1, shape[0])
     return shape
 
 
 def _to_huggingface_layout(array, transform):
-    if transform == "linear":
-        return common.host_copy(array.T, array.dtype)
     if transform == "conv":
         return np.ascontiguousarray(array.T[:, None, :])
     return np.ascontiguousarray(array)

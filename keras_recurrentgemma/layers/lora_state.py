@@ -2,7 +2,7 @@
 
 Keras's `Dense.save_own_variables` writes the kernel with LoRA merged in,
 
-    W_saved = W + (alpha / rank) · A B        W: [in, out], A: [in, r], B: [r, out]
+    W_saved = W + (alpha / rank) · A B        W: [out, in], A: [out, r], B: [r, in]
 
 and its `load_own_variables` assigns `W_saved` and zeroes `A` and `B`. That is
 right for a model shipped for inference, wrong for a training checkpoint: the
@@ -55,7 +55,8 @@ def merged_weights_only():
 
 
 class LoRAStateMixin:
-    """Put before `keras.layers.Dense` in the bases; see the module docstring."""
+    """Put before `keras.layers.EinsumDense` in the bases; see the module
+    docstring."""
 
     def _unmerged_variables(self):
         """`(name, variable)` of what Keras's save merges LoRA into."""

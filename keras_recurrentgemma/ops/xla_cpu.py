@@ -3,31 +3,33 @@ except on XLA's CPU with bfloat16.
 
 XLA on a CPU (JAX) multiplies bfloat16 matrices natively (its YNNPACK
 library) only as bfloat16 x bfloat16 -> float32, with neither operand a
-single row or column (and, measured in `generate`'s loop, not a few rows
-against a transposed table); and it gathers bfloat16 rows from a float32
-copy of the table. Anything else it computes after converting the
-whole bfloat16 operand to float32. In a compiled `generate` those
-conversions depend on nothing the loop changes, so XLA hoists them out of
-it: a float32 copy of every kernel and of the embedding, twice the weights
-(the 2B's `generate` peaked at 21.4 GiB for 5 GiB of weights), lives for
-the whole call.
+single row or column; and it gathers bfloat16 rows from a float32 copy of
+the table. Anything else it computes after converting the whole bfloat16
+operand to float32. In a compiled `generate` those conversions depend on
+nothing the loop changes, so XLA hoists them out of it: a float32 copy of
+every kernel and of the embedding, twice the weights (the 2B's `generate`
+peaked at 21.4 GiB for 5 GiB of weights), lives for the whole call.
 
-So on JAX on a CPU, for bfloat16:
-- `matmul` asks for a float32 product and rounds it back to bfloat16 (the
-  numbers XLA produced anyway, up to the order of the sums), multiplying a
-  single row (a decode step's `[1, d]`) as two equal rows, one kept;
-- `matmul_transposed` (the tied embedding's logits) computes
-  `(matrix @ xᵀ)ᵀ` for a few rows, `xᵀ` built column by column, and
-  contracts both operands' last axes for more;
-- both have gradients of the same kind, so a training step converts no
-  weight either (`_products`);
+Every weight here is a matrix `[out, in]` multiplied transposed: the
+projections' kernels (`layers.dense`) and the tied embedding's logits. On
+JAX on a CPU, for bfloat16:
+- `matmul_transposed` computes `(matrix @ xᵀ)ᵀ` for a few rows (a decode
+  step's one row per sequence, a single row taken as two equal rows, one
+  kept): the library then reads `matrix` row after row, as stored, which
+  is its fastest product; more rows (a prompt, a training batch) contract
+  both operands' last axes directly. It asks for a float32 product and
+  rounds it back to bfloat16 (the numbers XLA produced anyway, up to the
+  order of the sums);
+- its gradients are products of the same kind, so a training step
+  converts no weight either (`_product`);
 - `take_rows` ties the table to the ids it gathers, so that only those
   rows are converted.
 
-Measured on this project's CPU: one row times the 2B's `[2560, 7680]`
-kernel, 1.9 ms either way; the logits of one row against a `[64000, 2560]`
-table, 6 ms instead of 47. Other backends, devices and dtypes get
-`keras.ops` itself.
+Measured on this project's CPU: one row times the 2B's `[7680, 2560]`
+kernel, 0.9 ms for eight kernels in a row (4.7 for the same product of a
+kernel stored `[2560, 7680]`); the logits of one row against a
+`[64000, 2560]` table, 6 ms instead of 47. Other backends, devices and
+dtypes get `keras.ops` itself.
 """
 
 import functools
@@ -43,37 +45,27 @@ from keras import ops
 # must be at least this.
 MIN_WIDTH = 64
 
-# Up to this many rows, `matmul_transposed` builds the transposed input row
-# by row (a decode step has one per sequence); more are one product.
+# Up to this many rows (a decode step has one per sequence),
+# `matmul_transposed` makes the matrix the left operand; more are `x @ mᵀ`.
 MAX_STACKED_ROWS = 64
 
 
-def matmul(x, kernel):
-    """`x [..., i] @ kernel [i, o]` → `[..., o]`, as `keras.ops.matmul`."""
-    # Converted first: a variable reads as the compute dtype under autocast.
-    x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
-    if not _xla_cpu_bfloat16(x, kernel):
-        return ops.matmul(x, kernel)
-    return _products()[0](x, kernel)
-
-
 def matmul_transposed(x, matrix):
-    """`x [..., i] @ matrix [o, i]ᵀ` → `[..., o]` (the tied embedding's
-    logits), as `keras.ops.matmul(x, keras.ops.transpose(matrix))`.
+    """`x [..., in] @ matrix [out, in]ᵀ` → `[..., out]` (a projection, the tied
+    embedding's logits), as `keras.ops.matmul(x, keras.ops.transpose(matrix))`.
 
     On XLA's CPU with bfloat16: up to `MAX_STACKED_ROWS` rows, computed as
-    `(matrix @ xᵀ)ᵀ`, `matrix` read as stored and `xᵀ` built column by
-    column from `x`'s rows, because the library takes no transposed view of
-    so few rows (XLA would convert the whole `matrix` instead: 2.4 GiB of
-    float32 for the 2B's embedding); more rows (training's loss chunks)
-    contract both operands' last axes directly, which it does take.
+    `(matrix @ xᵀ)ᵀ`, `matrix` the product's left operand, read row after
+    row as stored (the library's fastest order: `x @ matrixᵀ` for one row
+    took 1.6 ms for the 2B's `[7680, 2560]` against 0.9); more rows
+    contract both operands' last axes directly.
     """
     x, matrix = ops.convert_to_tensor(x), ops.convert_to_tensor(matrix)
     if not _xla_cpu_bfloat16(x, matrix) or not all(
         isinstance(n, int) for n in x.shape[:-1]
     ):
         return ops.matmul(x, ops.transpose(matrix))
-    return _products()[1](x, matrix)
+    return _product()(x, matrix)
 
 
 def take_rows(table, ids):
@@ -92,9 +84,9 @@ def take_rows(table, ids):
 
 
 @functools.cache
-def _products():
-    """`(matmul, matmul_transposed)` for XLA's CPU with bfloat16, forward
-    and backward.
+def _product():
+    """`matmul_transposed` for XLA's CPU with bfloat16, forward and
+    backward.
 
     Every product, the gradients' too, is one the library runs:
     bfloat16 x bfloat16 -> float32, rounded back. With `jnp.matmul`'s own
@@ -116,64 +108,41 @@ def _products():
     def as_rows(x):
         return jnp.reshape(x, (-1, x.shape[-1]))
 
-    def product(x, kernel):
-        rows = as_rows(x)
-        n = rows.shape[0]
-        if n == 1:
-            # The library takes no one-row operand: two equal rows, one kept.
-            rows = jnp.broadcast_to(rows, (2, rows.shape[1]))
-        y = dot(rows, kernel, 1, 0)[:n].astype(kernel.dtype)
-        return jnp.reshape(y, x.shape[:-1] + (-1,))
-
-    def gradients(out_axis):
-        """The gradients of `x @ weight` (`out_axis` 1: `weight [i, o]`) or
-        of `x @ weightᵀ` (`out_axis` 0: `weight [o, i]`) for `grad [.., o]`:
-        `grad · weight` over `o`, and `xᵀ grad` (or `gradᵀ x`)."""
-
-        def grads(x, weight, grad):
-            rows, grad_rows = as_rows(x), as_rows(grad)
-            grad_x = dot(grad_rows, weight, 1, out_axis).astype(x.dtype)
-            pair = (rows, grad_rows) if out_axis == 1 else (grad_rows, rows)
-            grad_weight = dot(*pair, 0, 0).astype(weight.dtype)
-            return jnp.reshape(grad_x, x.shape), grad_weight
-
-        return grads
-
-    def product_transposed(x, matrix):
+    def product(x, matrix):
         rows = as_rows(x)
         n = rows.shape[0]
         if n > MAX_STACKED_ROWS:
             y = dot(rows, matrix, 1, 1)
         else:
-            columns = [rows[r] for r in range(n)] * (2 if n == 1 else 1)
-            y = dot(matrix, jnp.stack(columns, axis=-1), 1, 0)
-            y = jnp.transpose(y[:, :n])
+            if n == 1:
+                # The library takes no one-row operand: two equal rows, one
+                # kept.
+                rows = jnp.broadcast_to(rows, (2, rows.shape[1]))
+            y = jnp.transpose(dot(matrix, rows, 1, 1)[:, :n])
         return jnp.reshape(y.astype(matrix.dtype), x.shape[:-1] + (-1,))
 
-    def plain(x, kernel):
-        return jnp.matmul(x, kernel)
+    def gradients(x, matrix, grad):
+        """For `grad [.., out]`: `grad · matrix` over `out`, and `gradᵀ x`."""
+        rows, grad_rows = as_rows(x), as_rows(grad)
+        grad_x = dot(grad_rows, matrix, 1, 0).astype(x.dtype)
+        grad_matrix = dot(grad_rows, rows, 0, 0).astype(matrix.dtype)
+        return jnp.reshape(grad_x, x.shape), grad_matrix
 
-    def plain_transposed(x, matrix):
+    def plain(x, matrix):
         return jnp.matmul(x, matrix.T)
 
-    def with_gradients(fn, grads, reference):
-        fn = jax.custom_vjp(fn)
+    product = jax.custom_vjp(product)
 
-        def forward(*args):
-            return fn(*args), args
+    def forward(*args):
+        return product(*args), args
 
-        def backward(args, grad):
-            if math.prod(args[0].shape[:-1]) < MIN_WIDTH:
-                return jax.vjp(reference, *args)[1](grad)
-            return grads(*args, grad)
+    def backward(args, grad):
+        if math.prod(args[0].shape[:-1]) < MIN_WIDTH:
+            return jax.vjp(plain, *args)[1](grad)
+        return gradients(*args, grad)
 
-        fn.defvjp(forward, backward)
-        return fn
-
-    return (
-        with_gradients(product, gradients(out_axis=1), plain),
-        with_gradients(product_transposed, gradients(out_axis=0), plain_transposed),
-    )
+    product.defvjp(forward, backward)
+    return product
 
 
 def _xla_cpu_bfloat16(x, weight):
