@@ -12,9 +12,10 @@ the weights + 3 GiB (8.0).
 
 `mallopt(M_MMAP_THRESHOLD, 4 MiB)` fixes the threshold (it no longer rises):
 each larger block is mapped on its own and unmapped when freed. The same
-step then peaks at 7.86 GiB and runs about 8% slower, 12.4 s against 11.5
+step then peaked at 7.86 GiB and ran about 8% slower, 12.4 s against 11.5
 (fresh pages fault in; `tools/benchmark_real_size.py --lora torch
---remat`). At 1 MiB the peak was 7.5 GiB, but the step 35% slower.
+--remat`); with the kernels stored `[out, in]`, 7.96 and 8.05 GiB in two
+runs. At 1 MiB the peak was 7.5 GiB, but the step 35% slower.
 
 `limit_heap_retention` does this once per process, for torch training on a
 CPU only, on glibc only, and not if the user set `MALLOC_MMAP_THRESHOLD_`
