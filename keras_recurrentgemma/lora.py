@@ -42,7 +42,7 @@ DEFAULT_LORA_TARGETS = ("proj_q", "proj_v", "linear_x", "linear_y")
 # Root attribute holding the JSON description of the model that saved a file.
 METADATA_KEY = "keras_recurrentgemma_lora"
 # The metadata's `kernel_layout`: our kernels are `[out, in]`, so `A [out, r]`,
-# `B [r, in]`. Files written before (0.1, no such entry) hold the factors of
+# `B [r, in]`. Files written before (no such entry) hold the factors of
 # the kernel `[in, out]`: `A' [in, r]`, `B' [r, out]`, the same update as
 # `A = B'ᵀ`, `B = A'ᵀ`; `load_lora_weights` reads them so.
 KERNEL_LAYOUT = "oi"

@@ -1,7 +1,8 @@
 """Weights files written before kernels were stored `[out, in]`.
 
-Our `Dense` kernels are `[out, in]` (`layers.dense`). Until version 0.1 they
-were Keras `Dense`'s `[in, out]`, with LoRA factors `A' [in, r]`, `B' [r, out]`.
+Our `Dense` kernels are `[out, in]` (`layers.dense`). Before December 2026
+they were Keras `Dense`'s `[in, out]`, with LoRA factors `A' [in, r]`,
+`B' [r, out]`.
 A weights file (a preset's `model.weights.h5`, `save_weights`,
 `ModelCheckpoint`, `BackupAndRestore`, a `.keras` file) says which it holds:
 every `Dense` entry written since carries `KEY`. Reading an entry without
@@ -51,7 +52,7 @@ def current(store, where, quantized):
     if quantized:
         raise ValueError(
             f"The weights of quantized layer `{where}` were written before "
-            "keras_recurrentgemma stored kernels as [out, in] (version 0.1); "
+            "keras_recurrentgemma stored kernels as [out, in] (December 2026); "
             "their integer layout cannot be converted. Load the float model "
             "and quantize it again."
         )
