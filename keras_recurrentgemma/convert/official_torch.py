@@ -241,10 +241,10 @@ def _lazy_leaf(tensor, transpose, regions):
     Reading it copies the tensor out of the memory-mapped file, then drops
     the file's pages it touched from this process (`_release_pages`), so
     the pages of the whole file do not pile up while the model loads. An
-    `nn.Linear` weight is the read transposed, lazily: `official` transposes
-    the Flax kernel back to our `[out, in]`, and the two cancel before any data
-    moves. A row slice (how `official.build_backbone` splits `ffw_up`) reads
-    only those rows.
+    `nn.Linear` weight is read as stored and transposed lazily: `official`
+    transposes the Flax kernel back to our `[out, in]`, and the two cancel
+    before any data moves. A row slice (how `official.build_backbone` splits
+    `ffw_up`) reads only those rows.
     """
     dtype = to_numpy(tensor.new_empty(0)).dtype
     read_rows = None

@@ -21,7 +21,7 @@ JAX on a CPU, for bfloat16:
   rounds it back to bfloat16 (the numbers XLA produced anyway, up to the
   order of the sums);
 - its gradients are products of the same kind, so a training step
-  converts no weight either (`_product`);
+  converts no weight either (`_products`);
 - `take_rows` ties the table to the ids it gathers, so that only those
   rows are converted.
 
@@ -29,7 +29,7 @@ Measured on this project's CPU: one row times the 2B's `[7680, 2560]`
 kernel, 0.9 ms for eight kernels in a row (4.7 for the same product of a
 kernel stored `[2560, 7680]`); the logits of one row against a
 `[64000, 2560]` table, 6 ms instead of 47. In float32 a few rows take the
-same `(matrix @ xᵀ)ᵀ`, with JAX's own gradients (`_float32_product`). Other
+same `(matrix @ xᵀ)ᵀ`, with JAX's own gradients (`_products`). Other
 backends, devices and dtypes get `keras.ops` itself.
 """
 
@@ -65,27 +65,13 @@ def matmul_transposed(x, matrix):
     if not all(isinstance(n, int) for n in x.shape[:-1]):
         return ops.matmul(x, ops.transpose(matrix))
     if _xla_cpu_bfloat16(x, matrix):
-        return _product()(x, matrix)
-    if _xla_cpu_float32(x, matrix):
-        return _float32_product(x, matrix)
+        return _products()[0](x, matrix)
+    if _xla_cpu(x, matrix, "float32"):
+        # The same form: XLA's own `x @ matrixᵀ` of one float32 row took 30
+        # ms for a `[2560, 7680]` matrix, against 2.3 (2.8 against 2.3 for
+        # `[7680, 2560]`). No copy to avoid here: JAX's gradients serve.
+        return _products()[1](x, matrix)
     return ops.matmul(x, ops.transpose(matrix))
-
-
-def _float32_product(x, matrix):
-    """`matmul_transposed` in float32 on XLA's CPU: for a few rows, the
-    same `(matrix @ xᵀ)ᵀ`. XLA's own `x @ matrixᵀ` of one row took 30 ms
-    for a `[2560, 7680]` matrix, against 2.3 (and 2.8 against 2.3 for
-    `[7680, 2560]`). No copy to avoid here: JAX's gradients serve."""
-    import jax
-    import jax.numpy as jnp
-
-    rows = jnp.reshape(x, (-1, x.shape[-1]))
-    numbers = (((1,), (1,)), ((), ()))
-    if rows.shape[0] > MAX_STACKED_ROWS:
-        y = jax.lax.dot_general(rows, matrix, numbers)
-    else:
-        y = jnp.transpose(jax.lax.dot_general(matrix, rows, numbers))
-    return jnp.reshape(y, x.shape[:-1] + (-1,))
 
 
 def take_rows(table, ids):
@@ -104,9 +90,9 @@ def take_rows(table, ids):
 
 
 @functools.cache
-def _product():
-    """`matmul_transposed` for XLA's CPU with bfloat16, forward and
-    backward.
+def _products():
+    """`matmul_transposed` for XLA's CPU: `(bfloat16, float32)`, the
+    bfloat16 one with its own gradients.
 
     Every product, the gradients' too, is one the library runs:
     bfloat16 x bfloat16 -> float32, rounded back. With `jnp.matmul`'s own
@@ -134,9 +120,9 @@ def _product():
         if n > MAX_STACKED_ROWS:
             y = dot(rows, matrix, 1, 1)
         else:
-            if n == 1:
+            if n == 1 and matrix.dtype == jnp.bfloat16:
                 # The library takes no one-row operand: two equal rows, one
-                # kept.
+                # kept. (In float32 the second row would cost 20%.)
                 rows = jnp.broadcast_to(rows, (2, rows.shape[1]))
             y = jnp.transpose(dot(matrix, rows, 1, 1)[:, :n])
         return jnp.reshape(y.astype(matrix.dtype), x.shape[:-1] + (-1,))
@@ -151,28 +137,24 @@ def _product():
     def plain(x, matrix):
         return jnp.matmul(x, matrix.T)
 
-    product = jax.custom_vjp(product)
+    bfloat16 = jax.custom_vjp(product)
 
     def forward(*args):
-        return product(*args), args
+        return bfloat16(*args), args
 
     def backward(args, grad):
         if math.prod(args[0].shape[:-1]) < MIN_WIDTH:
             return jax.vjp(plain, *args)[1](grad)
         return gradients(*args, grad)
 
-    product.defvjp(forward, backward)
-    return product
+    bfloat16.defvjp(forward, backward)
+    return bfloat16, product
 
 
 def _xla_cpu_bfloat16(x, weight):
     """Whether `x` times the 2-D `weight` is one of this module's bfloat16
     cases."""
     return _xla_cpu(x, weight, "bfloat16")
-
-
-def _xla_cpu_float32(x, weight):
-    return _xla_cpu(x, weight, "float32")
 
 
 def _xla_cpu(x, weight, dtype):
