@@ -19,6 +19,8 @@ a LoRA file) are kept.
 """
 
 import contextlib
+import json
+import os
 
 from keras_recurrentgemma import preset_loader
 from keras_recurrentgemma.saving import atomic_preset_dir
@@ -43,6 +45,7 @@ class _PresetBase:
         with atomic_preset_dir(preset_dir) as staging, self._preset_save_scope():
             # The KerasHub base class after the mixin writes the files.
             super().save_to_preset(staging, **kwargs)
+            _name_tasks(staging, getattr(self, "backbone", self))
 
     def _export_to_transformers(self, path, overwrite, **kwargs):
         # Lazy: the exporter needs safetensors, which loading does not.
@@ -58,6 +61,49 @@ class _PresetBase:
                 "`keras_recurrentgemma.preset_mixin`."
             )
         return cls._load_preset
+
+
+def _task_kinds(backbone_cls):
+    """The KerasHub task kinds (`"CausalLM"`) that have a class built on
+    `backbone_cls`, as KerasHub lists them for its own models."""
+    from keras_hub.models import Task
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    kinds = set()
+    for task in subclasses(Task):
+        if getattr(task, "backbone_cls", None) is backbone_cls:
+            # The nearest KerasHub task class this one derives from.
+            kinds.add(
+                next(
+                    base.__name__
+                    for base in task.__mro__[1:]
+                    if issubclass(base, Task)
+                    and base.__module__.startswith("keras_hub.")
+                )
+            )
+    return sorted(kinds)
+
+
+def _name_tasks(preset_dir, model):
+    """Corrects the `"tasks"` of the `metadata.json` KerasHub just wrote.
+
+    KerasHub names each task by its first base class: for ours that is
+    `ModelPresetMixin`, put first so that its methods win, and the file
+    said `["ModelPresetMixin"]` where KerasHub's own models say
+    `["CausalLM"]`. Only a backbone or task save writes the file.
+    """
+    path = os.path.join(preset_dir, "metadata.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        metadata = json.load(f)
+    metadata["tasks"] = _task_kinds(type(model))
+    with open(path, "w") as f:
+        f.write(json.dumps(metadata, indent=4))
 
 
 class ModelPresetMixin(_PresetBase):

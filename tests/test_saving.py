@@ -1,5 +1,6 @@
 """`save_to_preset` never loses the previous preset, however it is stopped."""
 
+import json
 import os
 import signal
 import subprocess
@@ -172,3 +173,16 @@ def test_refuses_a_file_or_a_directory_of_other_files(tmp_path):
     empty.mkdir()
     backbone.save_to_preset(str(empty))
     assert (empty / "config.json").exists()
+
+
+def test_metadata_names_the_kerashub_task_kind(saved, tmp_path):
+    # KerasHub lists a task by its first base class, for ours the preset
+    # mixin; its own models say "CausalLM".
+    old, _, preset = saved
+    with open(preset / "metadata.json") as f:
+        assert json.load(f)["tasks"] == ["CausalLM"]
+    old.backbone.save_to_preset(str(tmp_path / "backbone"))
+    with open(tmp_path / "backbone" / "metadata.json") as f:
+        metadata = json.load(f)
+    assert metadata["tasks"] == ["CausalLM"]
+    assert metadata["parameter_count"] == old.backbone.count_params()
