@@ -10,17 +10,25 @@ step of the 2B (`remat=True`) peaked at 8.36 GiB with the weights and 0.5
 GiB of tensors alive (counted with a `TorchDispatchMode`), over its bound of
 the weights + 3 GiB (8.0).
 
-`mallopt(M_MMAP_THRESHOLD, 4 MiB)` fixes the threshold (it no longer rises):
-each larger block is mapped on its own and unmapped when freed. The same
-step then peaked at 7.86 GiB and ran about 8% slower, 12.4 s against 11.5
-(fresh pages fault in; `tools/benchmark_real_size.py --lora torch
---remat`); with the kernels stored `[out, in]`, 7.96 and 8.05 GiB in two
-runs. At 1 MiB the peak was 7.5 GiB, but the step 35% slower.
+`mallopt(M_MMAP_THRESHOLD, ...)` fixes the threshold (it no longer rises):
+each larger block is mapped on its own and unmapped when freed. At 4 MiB
+the same step peaked at 7.86 GiB and ran about 8% slower, 12.4 s against
+11.5 (fresh pages fault in; `tools/benchmark_real_size.py --lora torch
+--remat`); with the kernels stored `[out, in]`, 7.96 and 8.05 GiB, at the
+bound. The 2B's hidden state at 512 tokens, `[512, 2560]` in bfloat16, is
+2.5 MiB: under 4 MiB each block's saved input still came from the heap,
+between its temporaries, and held the heap up (at the step's peak glibc's
+heap had grown to 1.19 GiB, `mallinfo2`'s `arena`). At 2 MiB they are
+mapped too: on an AMD EPYC machine, 7.47 and 7.49 GiB against 8.03 to 8.08
+at 4 MiB, at 38.7 to 39.9 s a step against 31.7 to 34.9 (each fresh page
+faults in: about 5 µs each on that virtual machine). At 1 MiB the peak had
+been 7.5 GiB, but the step 35% slower.
 
 `limit_heap_retention` does this once per process, for torch training on a
 CPU only, on glibc only, and not if the user set `MALLOC_MMAP_THRESHOLD_`
-(glibc's own environment setting, which wins). It is process-wide: any
-later allocation of 4 MiB or more is mapped on its own too.
+(glibc's own environment setting, which wins: `MALLOC_MMAP_THRESHOLD_=
+4194304` trades memory back for time). It is process-wide: any later
+allocation of 2 MiB or more is mapped on its own too.
 """
 
 import ctypes
@@ -28,7 +36,7 @@ import ctypes.util
 import os
 import sys
 
-THRESHOLD_BYTES = 4 * 2**20
+THRESHOLD_BYTES = 2 * 2**20
 # glibc's `mallopt` parameter number for the mmap threshold (malloc.h).
 _M_MMAP_THRESHOLD = -3
 
