@@ -21,7 +21,8 @@ between its temporaries, and held the heap up (at the step's peak glibc's
 heap had grown to 1.19 GiB, `mallinfo2`'s `arena`). At 2 MiB they are
 mapped too: on an AMD EPYC machine, 7.47 and 7.49 GiB against 8.03 to 8.08
 at 4 MiB, at 38.7 to 39.9 s a step against 31.7 to 34.9 (each fresh page
-faults in: about 5 µs each on that virtual machine). At 1 MiB the peak had
+faults in: about 5 µs each on that virtual machine); in the benchmark's
+run, 7.74 GiB and 39.0 s against 8.03 and 34.9. At 1 MiB the peak had
 been 7.5 GiB, but the step 35% slower.
 
 `limit_heap_retention` does this once per process, for torch training on a
