@@ -123,6 +123,8 @@ class ResidualBlock(StoredConfig, keras.layers.Layer):
                 dtype=policy,
                 name="recurrent_block",
             )
+            # A block rematerialised whole recomputes its RG-LRU anyway.
+            self.temporal_block.rg_lru.rematerialise = not self.remat
         else:
             self.temporal_block = LocalAttentionBlock(
                 hidden_dim,

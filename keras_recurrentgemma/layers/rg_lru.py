@@ -48,6 +48,12 @@ class RGLRU(keras.layers.Layer):
     recurrence are computed in float32 whatever the compute dtype; `sqrt`
     has its gradient capped at 1000 as in the official model.
 
+    A call without `h0` (a training pass) recomputes the float32 gates and
+    recurrence in the backward pass instead of keeping them (`rg_lru`'s
+    `rematerialise`): they were the largest part of what a training step
+    keeps. `rematerialise` (an attribute, not saved) turns that off; the
+    residual block does so when it rematerialises itself whole.
+
     Args:
         num_heads: int. Number of diagonal blocks in each gate.
         scan_implementation: str. Passed to `ops.rg_lru` (see `rg_lru_scan`
@@ -71,6 +77,7 @@ class RGLRU(keras.layers.Layer):
         super().__init__(autocast=False, **kwargs)
         self.num_heads = num_heads
         self.scan_implementation = scan_implementation
+        self.rematerialise = True
         self.input_gate = BlockDiagonalLinear(
             num_heads, dtype=self.dtype_policy, name="input_gate"
         )
@@ -90,7 +97,9 @@ class RGLRU(keras.layers.Layer):
 
     def call(self, x, segment_pos, h0=None):
         # The gate arithmetic runs inside `rg_lru`, in the scan kernel where
-        # one fuses it.
+        # one fuses it. A call without `h0` (training) keeps only its inputs
+        # for the backward pass, unless the residual block around it is
+        # rematerialised whole.
         y, h_last = rg_lru(
             x,
             self.input_gate(x),
@@ -99,6 +108,7 @@ class RGLRU(keras.layers.Layer):
             segment_pos,
             h0,
             implementation=self.scan_implementation,
+            rematerialise=self.rematerialise,
         )
         return ops.cast(y, self.compute_dtype), h_last
 

@@ -1,5 +1,7 @@
-"""`keras.remat` for a layer's call, with JAX's recomputation held back
-until the backward pass needs it.
+"""`keras.remat` for a layer's call (`remat_call`: a residual block with
+`remat=True`) or a function of tensors (`remat_function`: the RG-LRU's
+float32 arithmetic in every training pass), with JAX's recomputation held
+back until the backward pass needs it.
 
 `keras.remat` on JAX is `jax.checkpoint`: the backward pass recomputes the
 block's activations from its input instead of keeping them. But nothing
@@ -35,33 +37,61 @@ def remat_call(layer, fn, x, *constants):
         # TF's `recompute_grad` takes only float tensors: `constants` are
         # closed over.
         return keras.remat(lambda x: fn(x, *constants))(x)
-    import jax
-
     variables = list(layer.variables)
 
-    def run(values, x, constants):
+    def run(x, values, constants):
         with keras.StatelessScope(
             state_mapping=list(zip(variables, values, strict=True))
         ):
             return fn(x, *constants)
 
+    values = [keras.ops.convert_to_tensor(v.value) for v in variables]
+    # Only `x` waits: `w + 0 · g` of the variables would copy each weight.
+    return _jax_after_gradient(run, x, values, constants)
+
+
+def remat_function(fn, tensors, *constants):
+    """`fn(*tensors, *constants)`, rematerialised in the backward pass, for
+    a function that reads no variables.
+
+    Args:
+        fn: function of `tensors` and then `constants`.
+        tensors: tuple of float tensors that gradients flow to.
+        constants: further inputs without gradients (int positions).
+    """
+    if keras.config.backend() != "jax":
+        return keras.remat(lambda *tensors: fn(*tensors, *constants))(*tensors)
+    return _jax_after_gradient(
+        lambda tensors, _, constants: fn(*tensors, *constants),
+        tuple(tensors),
+        (),
+        constants,
+    )
+
+
+def _jax_after_gradient(run, waiting, others, constants):
+    """`run(waiting, others, constants)` as a `jax.custom_vjp` whose
+    backward pass recomputes it, `waiting` (tensors) made to depend on the
+    incoming gradient first."""
+    import jax
+
     @jax.custom_vjp
-    def rematerialised(values, x, constants):
-        return run(values, x, constants)
+    def rematerialised(waiting, others, constants):
+        return run(waiting, others, constants)
 
-    def forward(values, x, constants):
-        return run(values, x, constants), (values, x, constants)
+    def forward(*inputs):
+        return run(*inputs), inputs
 
-    def backward(saved, grad):
-        values, x, constants = saved
+    def backward(inputs, grad):
+        waiting, others, constants = inputs
         # `x + 0 · g`, `g` one element of the incoming gradient: the
         # recomputation's input now depends on that gradient. (XLA's CPU
         # compiler drops optimization barriers before scheduling, and does
         # not fold a float times 0.)
         first = jax.tree.leaves(grad)[0]
-        x = x + (first[(0,) * first.ndim] * 0).astype(x.dtype)
-        return jax.vjp(run, values, x, constants)[1](grad)
+        zero = first[(0,) * first.ndim] * 0
+        waiting = jax.tree.map(lambda x: x + zero.astype(x.dtype), waiting)
+        return jax.vjp(run, waiting, others, constants)[1](grad)
 
     rematerialised.defvjp(forward, backward)
-    values = [keras.ops.convert_to_tensor(v.value) for v in variables]
-    return rematerialised(values, x, constants)
+    return rematerialised(waiting, others, constants)
