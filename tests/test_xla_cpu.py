@@ -41,9 +41,20 @@ def tolerance(dtype):
     return KERNEL["bfloat16"] if dtype == "bfloat16" else SELF_CONSISTENCY["float32"]
 
 
+@pytest.fixture(params=["matrix first", "x first"])
+def order(request, monkeypatch):
+    """Each order of a few-row product on JAX, whichever this CPU measures
+    faster (`matrix_first`); other backends have one."""
+    if request.param == "x first" and not JAX:
+        pytest.skip("one order outside JAX")
+    first = request.param == "matrix first"
+    monkeypatch.setattr(xla_cpu, "matrix_first", lambda *_: first)
+    return first
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("lead", [(), (1,), (1, 1), (3, 1), (8, 1), (2, 5), (1, 70)])
-def test_matmul_transposed_equals_keras_matmul(lead, dtype):
+def test_matmul_transposed_equals_keras_matmul(lead, dtype, order):
     # (1, 70) has more rows than MAX_STACKED_ROWS: `x @ mᵀ`, not `(m xᵀ)ᵀ`.
     x, table = tensor(lead + (I,), dtype, 2), tensor((V, I), dtype, 3)
     y = xla_cpu.matmul_transposed(x, table)
@@ -103,7 +114,7 @@ def temporary_bytes(fn, *args):
 
 
 @pytest.mark.skipif(not JAX, reason="XLA's CPU conversions: JAX")
-def test_a_jax_decode_loop_holds_no_float32_copy_of_the_weights():
+def test_a_jax_decode_loop_holds_no_float32_copy_of_the_weights(order):
     import jax
 
     if jax.default_backend() != "cpu":
@@ -169,3 +180,23 @@ def test_a_jax_input_gradient_holds_no_float32_copy_of_the_weight():
     assert temporary_bytes(ours, x, weight) < 4 * width * width
     # `keras.ops`'s gradient does convert it: what the test guards.
     assert temporary_bytes(plain, x, weight) >= 4 * width * width
+
+
+@pytest.mark.skipif(not JAX, reason="XLA's CPU: JAX")
+def test_the_faster_order_is_measured_once_per_shape_also_under_jit():
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("XLA's CPU")
+    xla_cpu.matrix_first.cache_clear()
+    x, kernel = tensor((1, 1, I), "bfloat16", 12), tensor((O, I), "bfloat16", 13)
+    # Measured while `jax.jit` traces: concrete arrays, not tracers.
+    y = jax.jit(xla_cpu.matmul_transposed)(x, kernel)
+    expected = ops.matmul(x, ops.transpose(kernel))
+    np.testing.assert_allclose(to_numpy(y), to_numpy(expected), **KERNEL["bfloat16"])
+    info = xla_cpu.matrix_first.cache_info()
+    assert (info.misses, info.currsize) == (1, 1)
+    choice = xla_cpu.matrix_first((O, I), 2, "bfloat16")
+    assert isinstance(choice, bool)
+    xla_cpu.matmul_transposed(x, kernel)
+    assert xla_cpu.matrix_first.cache_info().misses == 1

@@ -13,20 +13,20 @@ peaked at 21.4 GiB for 5 GiB of weights), lives for the whole call.
 Every weight here is a matrix `[out, in]` multiplied transposed: the
 projections' kernels (`layers.dense`) and the tied embedding's logits. On
 JAX on a CPU, for bfloat16:
-- `matmul_transposed` computes `(matrix @ xᵀ)ᵀ` for a few rows (a decode
-  step's one row per sequence, a single row taken as two equal rows, one
-  kept): the library then reads `matrix` row after row, as stored, which
-  is its fastest product; more rows (a prompt, a training batch) contract
-  both operands' last axes directly. It asks for a float32 product and
-  rounds it back to bfloat16 (the numbers XLA produced anyway, up to the
-  order of the sums);
+- `matmul_transposed` computes a few rows (a decode step's one row per
+  sequence, a single row taken as two equal rows, one kept) as
+  `(matrix @ xᵀ)ᵀ` or `x @ matrixᵀ`, whichever this CPU's library runs
+  faster (`matrix_first`, measured once per shape); more rows (a prompt,
+  a training batch) contract both operands' last axes directly. It asks
+  for a float32 product and rounds it back to bfloat16 (the numbers XLA
+  produced anyway, up to the order of the sums);
 - its gradients are products of the same kind, so a training step
   converts no weight either (`_products`);
 - `take_rows` ties the table to the ids it gathers, so that only those
   rows are converted.
 
-Measured on this project's CPU: one row times the 2B's `[7680, 2560]`
-kernel, 0.9 ms for eight kernels in a row (4.7 for the same product of a
+Measured on this project's Intel CPU: one row times the 2B's
+`[7680, 2560]` kernel, 0.9 ms for eight kernels in a row (4.7 for the same product of a
 kernel stored `[2560, 7680]`); the logits of one row against a
 `[64000, 2560]` table, 6 ms instead of 47. In float32 a few rows take the
 same `(matrix @ xᵀ)ᵀ`, with JAX's own gradients (`_products`). Other
@@ -35,6 +35,7 @@ backends, devices and dtypes get `keras.ops` itself.
 
 import functools
 import math
+import time
 
 import keras
 from keras import ops
@@ -47,8 +48,16 @@ from keras import ops
 MIN_WIDTH = 64
 
 # Up to this many rows (a decode step has one per sequence),
-# `matmul_transposed` makes the matrix the left operand; more are `x @ mᵀ`.
+# `matmul_transposed` takes whichever order `matrix_first` measured faster;
+# more are `x @ mᵀ`.
 MAX_STACKED_ROWS = 64
+
+# `matrix_first`'s measurement: the least time of this many products in
+# each order, a matrix of at most this many elements (128 MiB in bfloat16),
+# and the other order must be this much faster to be taken.
+MEASURE_REPEATS = 5
+MEASURE_ELEMENTS = 2**26
+MEASURE_MARGIN = 0.1
 
 
 def matmul_transposed(x, matrix):
@@ -56,10 +65,9 @@ def matmul_transposed(x, matrix):
     embedding's logits), as `keras.ops.matmul(x, keras.ops.transpose(matrix))`.
 
     On XLA's CPU with bfloat16: up to `MAX_STACKED_ROWS` rows, computed as
-    `(matrix @ xᵀ)ᵀ`, `matrix` the product's left operand, read row after
-    row as stored (the library's fastest order: `x @ matrixᵀ` for one row
-    took 1.6 ms for the 2B's `[7680, 2560]` against 0.9); more rows
-    contract both operands' last axes directly.
+    `(matrix @ xᵀ)ᵀ` or as `x @ matrixᵀ`, whichever `matrix_first`
+    measured faster for this shape on this CPU; more rows contract both
+    operands' last axes directly.
     """
     x, matrix = ops.convert_to_tensor(x), ops.convert_to_tensor(matrix)
     if not all(isinstance(n, int) for n in x.shape[:-1]):
@@ -67,9 +75,10 @@ def matmul_transposed(x, matrix):
     if _xla_cpu_bfloat16(x, matrix):
         return _products()[0](x, matrix)
     if _xla_cpu(x, matrix, "float32"):
-        # The same form: XLA's own `x @ matrixᵀ` of one float32 row took 30
-        # ms for a `[2560, 7680]` matrix, against 2.3 (2.8 against 2.3 for
-        # `[7680, 2560]`). No copy to avoid here: JAX's gradients serve.
+        # The same forms: XLA's own `x @ matrixᵀ` of one float32 row took
+        # 30 ms for a `[2560, 7680]` matrix, against 2.3 matrix first (2.8
+        # against 2.3 for `[7680, 2560]`). No copy to avoid here: JAX's
+        # gradients serve.
         return _products()[1](x, matrix)
     return ops.matmul(x, ops.transpose(matrix))
 
@@ -124,7 +133,10 @@ def _products():
                 # The library takes no one-row operand: two equal rows, one
                 # kept. (In float32 the second row would cost 20%.)
                 rows = jnp.broadcast_to(rows, (2, rows.shape[1]))
-            y = jnp.transpose(dot(matrix, rows, 1, 1)[:, :n])
+            if matrix_first(tuple(matrix.shape), rows.shape[0], str(matrix.dtype)):
+                y = jnp.transpose(dot(matrix, rows, 1, 1)[:, :n])
+            else:
+                y = dot(rows, matrix, 1, 1)[:n]
         return jnp.reshape(y.astype(matrix.dtype), x.shape[:-1] + (-1,))
 
     def gradients(x, matrix, grad):
@@ -149,6 +161,56 @@ def _products():
 
     bfloat16.defvjp(forward, backward)
     return bfloat16, product
+
+
+@functools.cache
+def matrix_first(shape, rows, dtype):
+    """Whether `rows` rows times a matrix of `shape` `[out, in]` run faster
+    as `(matrix @ xᵀ)ᵀ` than as `x @ matrixᵀ` on this CPU (measured once
+    per shape in a process, when the product is first traced).
+
+    Which order the library runs faster depends on the CPU. Least of
+    `MEASURE_REPEATS` one-row products (two rows given, one kept), bfloat16:
+    on an Intel Xeon with AMX, the 2B's `[7680, 2560]` took 0.9 ms matrix
+    first against 1.6; on an AMD EPYC (AVX-512 BF16, no AMX), the 9B's
+    `[12288, 4096]` 9.5 ms against 6.4, and `[4096, 12288]` 11.6 against
+    6.7 (torch 5.3 and 5.1), where the 2B's kernels took about the same
+    either way. Both orders sum the same float32 products, in their own
+    order. The matrix stays first unless the other order is faster by
+    more than `MEASURE_MARGIN`, so that noise does not swap them.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    out_dim, in_dim = shape
+    # The product is row by row of the matrix: a large one (the 9B's
+    # embedding) is timed on its first rows, enough to exceed the caches.
+    out_dim = min(out_dim, max(MIN_WIDTH, MEASURE_ELEMENTS // in_dim))
+    numbers = (((1,), (1,)), ((), ()))
+
+    def first(x, matrix):
+        return jax.lax.dot_general(
+            matrix, x, numbers, preferred_element_type=jnp.float32
+        )
+
+    def second(x, matrix):
+        return jax.lax.dot_general(
+            x, matrix, numbers, preferred_element_type=jnp.float32
+        )
+
+    # Concrete arrays and calls, also while an outer function is traced.
+    with jax.ensure_compile_time_eval():
+        # Written values: untouched zero pages would read faster than weights.
+        matrix = jnp.full((out_dim, in_dim), 0.01, dtype)
+        x = jnp.full((rows, in_dim), 0.01, dtype)
+        forms = [jax.jit(first), jax.jit(second)]
+        least = [float("inf")] * 2
+        for _ in range(MEASURE_REPEATS + 1):  # The first call compiles.
+            for i, form in enumerate(forms):
+                start = time.perf_counter()
+                form(x, matrix).block_until_ready()
+                least[i] = min(least[i], time.perf_counter() - start)
+    return least[1] * (1 + MEASURE_MARGIN) >= least[0]
 
 
 def _xla_cpu_bfloat16(x, weight):
