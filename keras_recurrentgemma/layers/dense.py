@@ -10,6 +10,7 @@ from keras_recurrentgemma.layers import embedding
 from keras_recurrentgemma.layers import kernel_layout
 from keras_recurrentgemma.layers.initialization import initializer
 from keras_recurrentgemma.layers.lora_state import LoRAStateMixin
+from keras_recurrentgemma.ops.remat import remat_function
 from keras_recurrentgemma.ops.xla_cpu import matmul_transposed
 
 # The equation of every projection: the kernel is `W [out, in]`, stored as
@@ -67,6 +68,8 @@ class Dense(LoRAStateMixin, keras.layers.EinsumDense):
         )
         self.units = units
         self.use_bias = use_bias
+        # See `call`: whether a training pass keeps `x` or its float32 copy.
+        self.rematerialise = True
 
     def save_own_variables(self, store):
         super().save_own_variables(store)
@@ -93,9 +96,10 @@ class Dense(LoRAStateMixin, keras.layers.EinsumDense):
         which the backward pass then keeps for each target layer until the
         gradients are done (at the 2B: a second copy of every target
         kernel, plus its gradient, in each training step). This keeps only
-        `x Bᵀ` (`[b, t, r]`), as Keras's own quantized LoRA call does.
-        Equal to Keras's up to rounding: the sum is taken after the
-        products, not before.
+        `x Bᵀ` (`[b, t, r]`), as Keras's own quantized LoRA call does, and
+        `x` in its own dtype (Keras's factors are float32). Equal to
+        Keras's up to rounding: the sum is taken after the products, not
+        before.
         """
         # `xla_cpu.matmul_transposed`: the product `keras.ops` gives,
         # without XLA's float32 copy of a bfloat16 kernel on a CPU.
@@ -103,10 +107,17 @@ class Dense(LoRAStateMixin, keras.layers.EinsumDense):
         if not self.lora_enabled:
             return self._finish(outputs)
         ops = keras.ops
-        low_rank = ops.matmul(
-            ops.matmul(inputs, ops.transpose(self.lora_kernel_b)),
-            ops.transpose(self.lora_kernel_a),
-        )
+        factor = ops.convert_to_tensor(self.lora_kernel_b)
+        dtypes = {keras.backend.standardize_dtype(t.dtype) for t in (inputs, factor)}
+        if self.rematerialise and len(dtypes) == 2:
+            # A 16-bit `x` times the float32 factor is a product of `x`'s
+            # float32 copy, which the backward pass would keep for `B`'s
+            # gradient (the 2B's LoRA step: 260 MiB at 512 tokens); `x`
+            # itself is kept instead, and cast again there.
+            low_rank = remat_function(_times_transposed, (inputs, factor))
+        else:
+            low_rank = _times_transposed(inputs, factor)
+        low_rank = ops.matmul(low_rank, ops.transpose(self.lora_kernel_a))
         # The factors may be float32 under a 16-bit kernel; like Keras's
         # merged kernel, their term is cast to the output's dtype.
         low_rank = ops.cast(
@@ -126,6 +137,10 @@ class Dense(LoRAStateMixin, keras.layers.EinsumDense):
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+
+def _times_transposed(x, matrix):
+    return keras.ops.matmul(x, keras.ops.transpose(matrix))
 
 
 # Keras has integer kernels for exactly these classes and refuses subclasses

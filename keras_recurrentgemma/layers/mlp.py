@@ -5,6 +5,24 @@ from keras import ops
 
 from keras_recurrentgemma.layers.dense import fan_in_dense
 from keras_recurrentgemma.layers.stored_config import StoredConfig
+from keras_recurrentgemma.ops.remat import remat_function
+
+
+def gelu_gate(gate, value, rematerialise=True):
+    """`gelu_tanh(gate) ⊙ value`, elementwise (`[b, t, f]` in the MLP,
+    `[b, t, l]` in the recurrent block).
+
+    With `rematerialise`, a training pass keeps `gate` and `value` for the
+    backward pass and recomputes `gelu_tanh(gate)` from them, instead of
+    keeping all three (the 2B's LoRA step at 512 tokens: 195 MiB less).
+    """
+    if rematerialise:
+        return remat_function(_gelu_gate, (gate, value))
+    return _gelu_gate(gate, value)
+
+
+def _gelu_gate(gate, value):
+    return ops.gelu(gate, approximate=True) * value
 
 
 @keras.saving.register_keras_serializable(package="keras_recurrentgemma")
@@ -36,6 +54,8 @@ class MLPBlock(StoredConfig, keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.store_config(locals())
+        # See `gelu_gate`.
+        self.rematerialise = True
         policy = self.dtype_policy
         self.ffw_gate = fan_in_dense(intermediate_dim, "ffw_gate", policy)
         self.ffw_up = fan_in_dense(intermediate_dim, "ffw_up", policy)
@@ -50,7 +70,7 @@ class MLPBlock(StoredConfig, keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        h = ops.gelu(self.ffw_gate(x), approximate=True) * self.ffw_up(x)
+        h = gelu_gate(self.ffw_gate(x), self.ffw_up(x), self.rematerialise)
         return self.ffw_down(h)
 
     def compute_output_shape(self, input_shape):

@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_recurrentgemma.layers.conv1d import Conv1D
 from keras_recurrentgemma.layers.dense import fan_in_dense
+from keras_recurrentgemma.layers.mlp import gelu_gate
 from keras_recurrentgemma.layers.rg_lru import RGLRU
 from keras_recurrentgemma.layers.stored_config import StoredConfig
 
@@ -33,6 +34,8 @@ class RecurrentBlock(StoredConfig, keras.layers.Layer):
         out = (u ⊙ y) W_out + b_out
 
     Shapes: `W_x`, `W_y` `[d, l]`, `W_out` `[l, d]` (`l = lru_width`).
+    `u ⊙ y` is `mlp.gelu_gate`, rematerialised in training passes unless
+    `rematerialise` (an attribute) is turned off.
 
     Args:
         hidden_dim: int. Model width `d`.
@@ -90,6 +93,7 @@ class RecurrentBlock(StoredConfig, keras.layers.Layer):
             dtype=policy,
             name="rg_lru",
         )
+        self.rematerialise = True
 
     def build(self, input_shape):
         lru_shape = input_shape[:-1] + (self.lru_width,)
@@ -111,10 +115,11 @@ class RecurrentBlock(StoredConfig, keras.layers.Layer):
         h0 = conv_state = None
         if cache is not None:
             h0, conv_state = cache.rg_lru_state, cache.conv1d_state
-        y = ops.gelu(self.linear_y(x), approximate=True)
+        y = self.linear_y(x)
         x, conv_state = self.conv_1d(self.linear_x(x), segment_pos, conv_state)
         x, h_last = self.rg_lru(x, segment_pos, h0)
-        return self.linear_out(x * y), RecurrentBlockCache(h_last, conv_state)
+        x = gelu_gate(y, x, self.rematerialise)
+        return self.linear_out(x), RecurrentBlockCache(h_last, conv_state)
 
     def compute_output_spec(self, x, segment_pos, cache=None):
         b, k = x.shape[0], self.conv1d_temporal_width

@@ -123,7 +123,9 @@ class ResidualBlock(StoredConfig, keras.layers.Layer):
                 dtype=policy,
                 name="recurrent_block",
             )
-            # A block rematerialised whole recomputes its RG-LRU anyway.
+            # A block rematerialised whole recomputes its RG-LRU anyway. (Its
+            # norms, GELU gates and LoRA products, cheap to recompute, still
+            # rematerialise themselves inside it.)
             self.temporal_block.rg_lru.rematerialise = not self.remat
         else:
             self.temporal_block = LocalAttentionBlock(

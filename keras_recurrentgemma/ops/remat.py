@@ -1,7 +1,8 @@
 """`keras.remat` for a layer's call (`remat_call`: a residual block with
-`remat=True`) or a function of tensors (`remat_function`: the RG-LRU's
-float32 arithmetic in every training pass), with JAX's recomputation held
-back until the backward pass needs it.
+`remat=True`) or a function of tensors (`remat_function`: in every
+training pass, the float32 arithmetic of the RG-LRU, of the norms and of
+a LoRA factor's product, and the GELU gates), with JAX's recomputation
+held back until the backward pass needs it.
 
 `keras.remat` on JAX is `jax.checkpoint`: the backward pass recomputes the
 block's activations from its input instead of keeping them. But nothing
@@ -33,6 +34,8 @@ def remat_call(layer, fn, x, *constants):
         x: the float input that gradients flow to.
         constants: further inputs without gradients (int positions).
     """
+    if not _records_gradients():
+        return fn(x, *constants)
     if keras.config.backend() != "jax":
         # TF's `recompute_grad` takes only float tensors: `constants` are
         # closed over.
@@ -59,6 +62,8 @@ def remat_function(fn, tensors, *constants):
         tensors: tuple of float tensors that gradients flow to.
         constants: further inputs without gradients (int positions).
     """
+    if not _records_gradients():
+        return fn(*tensors, *constants)
     if keras.config.backend() != "jax":
         return keras.remat(lambda *tensors: fn(*tensors, *constants))(*tensors)
     return _jax_after_gradient(
@@ -67,6 +72,18 @@ def remat_function(fn, tensors, *constants):
         (),
         constants,
     )
+
+
+def _records_gradients():
+    """False where no gradient can be asked for: torch outside grad mode
+    (generation runs under `no_grad`), where `torch.utils.checkpoint` would
+    only add its bookkeeping to each call. JAX and TensorFlow compile the
+    forward function as it is when nothing differentiates it."""
+    if keras.config.backend() != "torch":
+        return True
+    import torch
+
+    return torch.is_grad_enabled()
 
 
 def _jax_after_gradient(run, waiting, others, constants):
