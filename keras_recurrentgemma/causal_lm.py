@@ -183,7 +183,7 @@ class RecurrentGemmaCausalLM(
         - `loss="auto"` averages the cross-entropy over real tokens only
           (`sample_weight` masks padding), so the reported loss does not
           depend on how much padding `sequence_length` adds. In `fit` it is
-          computed `loss_chunk_size` tokens at a time (an int, default 128;
+          computed `loss_chunk_size` tokens at a time (an int, default 64;
           `None` for the full logits at once), each chunk's logits
           recomputed in the backward pass, so the `[batch, seq, vocab]`
           logits are never held whole (`keras_recurrentgemma.chunked_loss`;
