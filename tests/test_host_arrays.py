@@ -28,6 +28,31 @@ def test_aligned_arrays(shape, dtype):
     assert not np.any(zeros)
 
 
+def vm_flags(address):
+    """The `VmFlags` of the mapping holding `address` (Linux's smaps)."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(n, 16) for n in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's smaps")
+@pytest.mark.parametrize("make", ["aligned_empty", "aligned_zeros"])
+def test_a_large_array_asks_for_ordinary_pages(make):
+    # numpy advises huge pages ("hg") from 4 MiB; ours are advised back.
+    array = getattr(host_arrays, make)((3, host_arrays.ORDINARY_PAGES_FROM), "int8")
+    array[...] = 1
+    middle = array.ctypes.data + array.nbytes // 2
+    assert "nh" in vm_flags(middle) and "hg" not in vm_flags(middle)
+    assert int(array.sum()) == array.size
+
+
 def test_copy_into_keeps_bits():
     source = np.array([1.5, -0.0, np.inf, np.nan], ml_dtypes.bfloat16)
     out = host_arrays.copy_into(host_arrays.aligned_empty((4,), "bfloat16"), source)
