@@ -114,9 +114,9 @@ class Dense(LoRAStateMixin, keras.layers.EinsumDense):
             # float32 copy, which the backward pass would keep for `B`'s
             # gradient (the 2B's LoRA step: 260 MiB at 512 tokens); `x`
             # itself is kept instead, and cast again there.
-            low_rank = remat_function(_times_transposed, (inputs, factor))
+            low_rank = remat_function(matmul_transposed, (inputs, factor))
         else:
-            low_rank = _times_transposed(inputs, factor)
+            low_rank = matmul_transposed(inputs, factor)
         low_rank = ops.matmul(low_rank, ops.transpose(self.lora_kernel_a))
         # The factors may be float32 under a 16-bit kernel; like Keras's
         # merged kernel, their term is cast to the output's dtype.
@@ -137,10 +137,6 @@ class Dense(LoRAStateMixin, keras.layers.EinsumDense):
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
-
-
-def _times_transposed(x, matrix):
-    return keras.ops.matmul(x, keras.ops.transpose(matrix))
 
 
 # Keras has integer kernels for exactly these classes and refuses subclasses

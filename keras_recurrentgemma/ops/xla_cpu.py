@@ -26,8 +26,8 @@ JAX on a CPU, for bfloat16:
   rows are converted.
 
 Measured on this project's Intel CPU: one row times the 2B's
-`[7680, 2560]` kernel, 0.9 ms for eight kernels in a row (4.7 for the same product of a
-kernel stored `[2560, 7680]`); the logits of one row against a
+`[7680, 2560]` kernel, 0.9 ms for eight kernels in a row (4.7 for the
+same product of a kernel stored `[2560, 7680]`); the logits of one row against a
 `[64000, 2560]` table, 6 ms instead of 47. In float32 a few rows take the
 same `(matrix @ xᵀ)ᵀ`, with JAX's own gradients (`_products`). Other
 backends, devices and dtypes get `keras.ops` itself.
@@ -114,12 +114,6 @@ def _products():
     import jax
     import jax.numpy as jnp
 
-    def dot(a, b, a_axis, b_axis):
-        """`a [m, ·] · b [·, n]` contracted over the two named axes, in
-        float32."""
-        numbers = (((a_axis,), (b_axis,)), ((), ()))
-        return jax.lax.dot_general(a, b, numbers, preferred_element_type=jnp.float32)
-
     def as_rows(x):
         return jnp.reshape(x, (-1, x.shape[-1]))
 
@@ -127,23 +121,23 @@ def _products():
         rows = as_rows(x)
         n = rows.shape[0]
         if n > MAX_STACKED_ROWS:
-            y = dot(rows, matrix, 1, 1)
+            y = _dot(rows, matrix, 1, 1)
         else:
             if n == 1 and matrix.dtype == jnp.bfloat16:
                 # The library takes no one-row operand: two equal rows, one
                 # kept. (In float32 the second row would cost 20%.)
                 rows = jnp.broadcast_to(rows, (2, rows.shape[1]))
             if matrix_first(tuple(matrix.shape), rows.shape[0], str(matrix.dtype)):
-                y = jnp.transpose(dot(matrix, rows, 1, 1)[:, :n])
+                y = jnp.transpose(_dot(matrix, rows, 1, 1)[:, :n])
             else:
-                y = dot(rows, matrix, 1, 1)[:n]
+                y = _dot(rows, matrix, 1, 1)[:n]
         return jnp.reshape(y.astype(matrix.dtype), x.shape[:-1] + (-1,))
 
     def gradients(x, matrix, grad):
         """For `grad [.., out]`: `grad · matrix` over `out`, and `gradᵀ x`."""
         rows, grad_rows = as_rows(x), as_rows(grad)
-        grad_x = dot(grad_rows, matrix, 1, 0).astype(x.dtype)
-        grad_matrix = dot(grad_rows, rows, 0, 0).astype(matrix.dtype)
+        grad_x = _dot(grad_rows, matrix, 1, 0).astype(x.dtype)
+        grad_matrix = _dot(grad_rows, rows, 0, 0).astype(matrix.dtype)
         return jnp.reshape(grad_x, x.shape), grad_matrix
 
     def plain(x, matrix):
@@ -161,6 +155,14 @@ def _products():
 
     bfloat16.defvjp(forward, backward)
     return bfloat16, product
+
+
+def _dot(a, b, a_axis, b_axis):
+    """`a [m, ·] · b [·, n]` contracted over the two named axes, in float32."""
+    import jax
+
+    numbers = (((a_axis,), (b_axis,)), ((), ()))
+    return jax.lax.dot_general(a, b, numbers, preferred_element_type="float32")
 
 
 @functools.cache
@@ -186,17 +188,12 @@ def matrix_first(shape, rows, dtype):
     # The product is row by row of the matrix: a large one (the 9B's
     # embedding) is timed on its first rows, enough to exceed the caches.
     out_dim = min(out_dim, max(MIN_WIDTH, MEASURE_ELEMENTS // in_dim))
-    numbers = (((1,), (1,)), ((), ()))
 
     def first(x, matrix):
-        return jax.lax.dot_general(
-            matrix, x, numbers, preferred_element_type=jnp.float32
-        )
+        return _dot(matrix, x, 1, 1)
 
     def second(x, matrix):
-        return jax.lax.dot_general(
-            x, matrix, numbers, preferred_element_type=jnp.float32
-        )
+        return _dot(x, matrix, 1, 1)
 
     # Concrete arrays and calls, also while an outer function is traced.
     with jax.ensure_compile_time_eval():

@@ -30,6 +30,7 @@ ordinary pages anyway, and decode as fast.
 """
 
 import ctypes
+import functools
 import mmap
 import sys
 
@@ -72,6 +73,7 @@ def _ordinary_pages(buffer):
         _libc().madvise(first, last - first, advice)
 
 
+@functools.cache
 def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
