@@ -16,7 +16,6 @@ import json
 import os
 
 import keras
-import ml_dtypes
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -62,13 +61,17 @@ class LazyTensor:
         read_rows: optional callable `(start, stop)` returning rows
             `start:stop` of the first axis without reading the rest; then
             `tensor[start:stop]` reads only those rows.
+        mapped: optional callable returning the tensor as a writable,
+            copy-on-write view of its file's memory map (nothing is read
+            until the view is used); not kept by transforms.
     """
 
-    def __init__(self, shape, dtype, read, read_rows=None):
+    def __init__(self, shape, dtype, read, read_rows=None, mapped=None):
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
         self._read = read
         self._read_rows = read_rows
+        self.mapped = mapped
 
     @property
     def ndim(self):
@@ -241,27 +244,103 @@ def assign_backbone_weights(backbone, tensors, source):
         from tqdm.auto import tqdm
 
         paths = tqdm(paths, desc="Loading weights", unit="tensor")
-    for path in paths:
-        _, array = tensors.pop(path)
-        variable = variables[path]
-        if path in targets:
-            # Lazy as it is: an embedding is read a slice of rows at a time.
-            values = quantize_tensor(targets[path], array)
+    # JAX copies every array into XLA's memory, so one read buffer serves
+    # every tensor (`host_arrays.reused_buffer`).
+    jax = keras.config.backend() == "jax"
+    with host_arrays.reused_buffer() if jax else contextlib.nullcontext():
+        for path in paths:
+            _, array = tensors.pop(path)
+            if path in targets:
+                _assign_quantized(targets[path], array, all_variables)
+            else:
+                _assign(variables[path], array, reused=jax)
             del array
-            for name, value in values.items():
-                release_placeholder(all_variables[name])
-                all_variables[name].assign(backend_tensor(value))
-            del values
-            continue
-        if isinstance(array, LazyTensor):
-            array = array.read()
-        release_placeholder(variable)
-        # Rebinding drops the array as read before `assign` makes the
-        # variable's copy, when `host_copy` made one.
-        if not _transposes_while_copying(array, variable.dtype):
-            array = host_copy(array, variable.dtype)
-        variable.assign(backend_tensor(array))
-        del array
+
+
+def _assign_quantized(target, array, all_variables):
+    # Lazy as it is: an embedding is read a slice of rows at a time, each
+    # into a new array (the quantizer may hold several).
+    with host_arrays.no_reused_buffer():
+        values = quantize_tensor(target, array)
+    for name, value in values.items():
+        release_placeholder(all_variables[name])
+        all_variables[name].assign(backend_tensor(value))
+
+
+def _assign(variable, array, reused):
+    """Assigns one converted tensor; `reused`: a `LazyTensor` reads into
+    `host_arrays.reused_buffer()`, which the next read overwrites."""
+    # A lazy tensor reads into memory no one else holds; an array given
+    # in memory is the caller's, and the variable must not alias it.
+    ours = isinstance(array, LazyTensor)
+    if ours:
+        mapped = _mapped(array, variable)
+        array = array.read() if mapped is None else mapped
+    release_placeholder(variable)
+    if not _transposes_while_copying(array, variable.dtype):
+        copy = host_copy(array, variable.dtype)
+        if copy is array and not ours and keras.config.backend() == "tensorflow":
+            # TensorFlow's variable would keep the caller's array as its
+            # memory (`backend_tensor`), and training would change it.
+            copy = host_arrays.copy_into(
+                host_arrays.aligned_empty(array.shape, array.dtype), array
+            )
+        ours = ours or copy is not array
+        array = copy
+    value = backend_tensor(array)
+    del array
+    if not (ours and _adopt(variable, value)):
+        variable.assign(value)
+    if reused:
+        # `device_put` may still be copying when it returns.
+        variable.value.block_until_ready()
+
+
+def _mapped(tensor, variable):
+    """The copy-on-write map of `tensor`'s file, where a torch variable on a
+    CPU can hold it as it is (`_adopt`); else None.
+
+    As Hugging Face's `from_pretrained` does: the 9B's 17 GB are then read
+    from disk as the model first uses them, not all while it loads (31 s
+    at this machine's 0.55 GB/s). The variable's memory is then the page
+    cache's, which the system may reclaim and re-read while the weights
+    stay unchanged; writes (training) go to private copies, never to the
+    file. Other backends need memory they own: XLA cannot donate an
+    external buffer (a `fit` step would copy every weight) and aliases
+    only 64-byte aligned data, which safetensors does not promise;
+    TensorFlow needs 64-byte alignment too.
+    """
+    if (
+        tensor.mapped is None
+        or keras.config.backend() != "torch"
+        or tensor.dtype != np.dtype(host_arrays.numpy_dtype(variable.dtype))
+        or keras.ops.zeros(()).device.type != "cpu"
+    ):
+        return None
+    return tensor.mapped()
+
+
+def _adopt(variable, value):
+    """Makes a torch CPU variable hold `value`'s memory itself (a tensor on
+    an array that only the loader holds): `assign` would copy it, and the
+    9B's 17 GB, read once, would be written twice. The `Parameter` stays
+    the same object, so modules and optimizers still see it."""
+    if keras.config.backend() != "torch":
+        return False
+    import torch
+
+    parameter = variable.value
+    if not (
+        isinstance(value, torch.Tensor)
+        and isinstance(parameter, torch.nn.Parameter)
+        and parameter.device == value.device
+        and parameter.dtype == value.dtype
+        and parameter.shape == value.shape
+        and value.is_contiguous()
+    ):
+        return False
+    parameter.data = value
+    return True
 
 
 def _transposes_while_copying(array, dtype):
@@ -328,15 +407,10 @@ def backend_tensor(array):
       never resident).
     """
     backend = keras.config.backend()
-    bf16 = array.dtype == ml_dtypes.bfloat16
     if backend == "tensorflow":
         return host_arrays.tensorflow_tensor(array)
     if backend == "torch":
-        import torch
-
-        if bf16:
-            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(array)
+        return host_arrays.torch_tensor(array)
     if backend == "jax":
         import jax
 

@@ -46,8 +46,10 @@ class LoadPlaceholder(keras.initializers.Zeros):
     7). On JAX on a CPU the same `calloc`ed zeros, which `jax.device_put`
     takes without a copy when aligned: XLA would otherwise fill 5 GB of
     zeros for the 2B, which the loader frees before each weight arrives
-    (`convert.common.release_placeholder`). Elsewhere Keras's own zeros;
-    torch copies the weight into them.
+    (`convert.common.release_placeholder`). On torch on a CPU too, shared
+    without a copy: the loader then hands each variable the array it read
+    (`convert.common._adopt`), where zeros that torch wrote (17 GB for the
+    9B) would only be dropped. Elsewhere Keras's own zeros.
     """
 
     def __call__(self, shape, dtype=None):
@@ -61,6 +63,8 @@ class LoadPlaceholder(keras.initializers.Zeros):
 
             if jax.default_backend() == "cpu":
                 return jax.device_put(host_arrays.aligned_zeros(shape, dtype))
+        if backend == "torch" and keras.ops.zeros(()).device.type == "cpu":
+            return host_arrays.torch_tensor(host_arrays.aligned_zeros(shape, dtype))
         return super().__call__(shape, dtype)
 
 
