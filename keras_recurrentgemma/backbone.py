@@ -14,6 +14,7 @@ from keras_recurrentgemma.layers import ResidualBlock
 from keras_recurrentgemma.layers import RMSNormalization
 from keras_recurrentgemma.layers import SegmentPositions
 from keras_recurrentgemma.layers.dense import check_quantization_mode
+from keras_recurrentgemma.layers.dense import no_collect
 from keras_recurrentgemma.layers.dense import quantizable_layers
 from keras_recurrentgemma.layers.dense import resolve_policies
 from keras_recurrentgemma.layers.embedding import ReversibleEmbedding
@@ -360,7 +361,8 @@ class RecurrentGemmaBackbone(ModelPresetMixin, Backbone):
         check_quantization_mode(mode, config)
         kwargs["type_check"] = False
         filters = quantizable_layers(filters, mode)
-        super().quantize(mode, config=config, filters=filters, **kwargs)
+        with no_collect():
+            super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # --- Distribution -------------------------------------------------------
 

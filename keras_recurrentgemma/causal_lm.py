@@ -26,6 +26,7 @@ from keras_recurrentgemma.generation import SAMPLERS  # noqa: F401
 from keras_recurrentgemma.generation import RecurrentGemmaCache  # noqa: F401
 from keras_recurrentgemma.generation_api import GenerationMixin
 from keras_recurrentgemma.layers.dense import check_quantization_mode
+from keras_recurrentgemma.layers.dense import no_collect
 from keras_recurrentgemma.layers.dense import quantizable_layers
 from keras_recurrentgemma.preset_mixin import ModelPresetMixin
 from keras_recurrentgemma.training import TrainingMixin
@@ -250,7 +251,8 @@ class RecurrentGemmaCausalLM(
         # check, which refuses KerasHub's embedding subclass, is turned off.
         kwargs["type_check"] = False
         filters = quantizable_layers(filters, mode)
-        super().quantize(mode, config=config, filters=filters, **kwargs)
+        with no_collect():
+            super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # --- Scoring ------------------------------------------------------------
 

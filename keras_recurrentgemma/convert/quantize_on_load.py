@@ -14,9 +14,7 @@ is read a slice of rows at a time where the source allows) plus one
 slice's temporaries.
 """
 
-import contextlib
 import functools
-import gc
 
 import keras
 import numpy as np
@@ -24,6 +22,7 @@ import numpy as np
 from keras_recurrentgemma.layers import kernel_layout
 from keras_recurrentgemma.layers.dense import EQUATION
 from keras_recurrentgemma.layers.dense import Dense
+from keras_recurrentgemma.layers.dense import no_collect
 
 # Keras quantizes each weight on its own in these modes; float8 only changes
 # how a float kernel is used, so there is nothing to save by doing it early.
@@ -83,7 +82,7 @@ class QuantizedPlan:
         self.default = keras.dtype_policies.get("float32" if dtype is None else dtype)
         with skip_random_initialization():
             skeleton = backbone_cls(**tiny, dtype=self.default)
-        with _no_collect():
+        with no_collect():
             skeleton.quantize(mode)
         self.layers = {
             layer.path: layer
@@ -194,24 +193,6 @@ def _proxy(target, rows, cols):
     return proxy
 
 
-@contextlib.contextmanager
-def _no_collect():
-    """`gc.collect()` does nothing for the scope.
-
-    `quantize` deletes the float kernel, and Keras's `Layer.__delattr__`
-    runs a full `gc.collect()` for every variable deleted: 0.4 to 1.6 s a
-    call beside a loaded model's heap, most of a quantizing load's time.
-    The proxy's kernel is freed by its reference count anyway. A frozen heap
-    (`gc.freeze`) only cut this by 4x.
-    """
-    collect = gc.collect
-    gc.collect = lambda generation=2: 0
-    try:
-        yield
-    finally:
-        gc.collect = collect
-
-
 def quantize_tensor(target, array):
     """Quantizes one float tensor as `target.layer.quantize(mode)` would.
 
@@ -265,7 +246,7 @@ def quantize_tensor(target, array):
         piece = host_copy(piece, target.float_dtype)
         proxy = _proxy(target, *piece.shape)
         next(v for v in proxy.weights).assign(piece)
-        with _no_collect():
+        with no_collect():
             proxy.quantize(mode)
         if proxy.dtype_policy.name != _policy(layer).name:
             raise ValueError(
