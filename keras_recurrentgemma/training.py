@@ -15,6 +15,7 @@ import warnings
 import keras
 
 from keras_recurrentgemma import chunked_loss
+from keras_recurrentgemma.convert.common import own_host_weights
 from keras_recurrentgemma.utils import host_malloc
 
 
@@ -67,6 +68,21 @@ class TrainingMixin:
         if self._chunked_loss_step:
             return self.get_metrics_result()  # updated by `compute_loss`
         return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    # JAX's steps donate the weights, which XLA can only do with memory of
+    # its own: weights a load left in host arrays are copied first, one at a
+    # time (`convert.common.own_host_weights`), not all at once by XLA.
+    def make_train_function(self, force=False):
+        own_host_weights(self)
+        return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        own_host_weights(self)
+        return super().make_test_function(force)
+
+    def make_predict_function(self, force=False):
+        own_host_weights(self)
+        return super().make_predict_function(force)
 
     def _scale_float16_loss(self, auto_scale_loss):
         if self.backbone.compute_dtype != "float16" or self.optimizer is None:

@@ -103,8 +103,11 @@ def test_a_reused_buffer_lends_one_buffer_and_fits_it_to_the_reads():
     assert not np.shares_memory(c, d)
 
 
-@pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX copies what it reads")
-def test_jax_reads_every_tensor_into_one_buffer(monkeypatch, hf_dir, reference):
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX's device copies")
+def test_jax_off_a_cpu_reads_into_one_buffer(monkeypatch, hf_dir, reference):
+    """Where XLA copies each array to a device, the host side reuses one
+    buffer (exercised on a CPU by saying it is not one)."""
+    monkeypatch.setattr(common, "_jax_on_cpu", lambda: False)
     made = []
     original = host_arrays.aligned_empty
 
@@ -120,6 +123,37 @@ def test_jax_reads_every_tensor_into_one_buffer(monkeypatch, hf_dir, reference):
     sizes = [shape[0] for shape in made]
     assert sizes == sorted(sizes) and len(sizes) < 10
     assert len(loaded.weights) > 3 * len(sizes)
+    assert not any(getattr(v, "_host_aliased", False) for v in loaded.weights)
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX's host aliasing")
+@pytest.mark.parametrize("step", ["train", "predict"])
+def test_jax_weights_alias_the_arrays_read_until_a_step_donates_them(
+    hf_dir, reference, step
+):
+    from keras_recurrentgemma import RecurrentGemmaCausalLM
+
+    causal_lm = RecurrentGemmaCausalLM.from_preset(hf_dir, preprocessor=None)
+    backbone = causal_lm.backbone
+    aliased = [v for v in backbone.weights if getattr(v, "_host_aliased", False)]
+    # All but the convolutions, which are transposed as they are read.
+    mapped = {
+        path for path, _, how in huggingface.weight_map(backbone) if how != "conv"
+    }
+    assert {v.path for v in aliased} == mapped
+    before = {v.path: variable_buffer_address(v) for v in aliased}
+    token_ids = np.array([[1, 5, 9, 3]], "int32")
+    x = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    if step == "train":
+        backbone.enable_lora(2)
+        causal_lm.compile(optimizer="sgd")
+        causal_lm.train_on_batch(x, token_ids)
+    else:
+        causal_lm.predict(x, verbose=0)
+        assert_same_weights(backbone, reference)
+    # Copied into XLA's own memory before the step donated them.
+    assert not any(getattr(v, "_host_aliased", False) for v in backbone.weights)
+    assert all(variable_buffer_address(v) != before[v.path] for v in aliased)
 
 
 def test_a_load_never_aliases_arrays_the_caller_holds(hf_dir, reference):

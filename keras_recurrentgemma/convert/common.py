@@ -244,16 +244,16 @@ def assign_backbone_weights(backbone, tensors, source):
         from tqdm.auto import tqdm
 
         paths = tqdm(paths, desc="Loading weights", unit="tensor")
-    # JAX copies every array into XLA's memory, so one read buffer serves
-    # every tensor (`host_arrays.reused_buffer`).
-    jax = keras.config.backend() == "jax"
-    with host_arrays.reused_buffer() if jax else contextlib.nullcontext():
+    # Where JAX copies each array into memory of its own (not on a CPU, see
+    # `_adopt`), one read buffer serves every tensor.
+    reused = keras.config.backend() == "jax" and not _jax_on_cpu()
+    with host_arrays.reused_buffer() if reused else contextlib.nullcontext():
         for path in paths:
             _, array = tensors.pop(path)
             if path in targets:
                 _assign_quantized(targets[path], array, all_variables)
             else:
-                _assign(variables[path], array, reused=jax)
+                _assign(variables[path], array, reused)
             del array
 
 
@@ -287,10 +287,9 @@ def _assign(variable, array, reused):
             )
         ours = ours or copy is not array
         array = copy
-    value = backend_tensor(array)
+    if not (ours and _adopt(variable, array)):
+        variable.assign(backend_tensor(array))
     del array
-    if not (ours and _adopt(variable, value)):
-        variable.assign(value)
     if reused:
         # `device_put` may still be copying when it returns.
         variable.value.block_until_ready()
@@ -320,27 +319,74 @@ def _mapped(tensor, variable):
     return tensor.mapped()
 
 
-def _adopt(variable, value):
-    """Makes a torch CPU variable hold `value`'s memory itself (a tensor on
-    an array that only the loader holds): `assign` would copy it, and the
-    9B's 17 GB, read once, would be written twice. The `Parameter` stays
-    the same object, so modules and optimizers still see it."""
-    if keras.config.backend() != "torch":
-        return False
-    import torch
+def _adopt(variable, array):
+    """Makes `variable` hold `array`'s memory itself, where the backend can:
+    `array` is one only the loader holds, and a copy would write the 9B's
+    17 GB twice.
 
-    parameter = variable.value
-    if not (
-        isinstance(value, torch.Tensor)
-        and isinstance(parameter, torch.nn.Parameter)
-        and parameter.device == value.device
-        and parameter.dtype == value.dtype
-        and parameter.shape == value.shape
-        and value.is_contiguous()
-    ):
+    - torch on a CPU: `parameter.data` becomes a tensor on the array; the
+      `Parameter` stays the same object, so modules and optimizers still
+      see it.
+    - JAX on a CPU, without a distribution: `jax.device_put` aliases a
+      64-byte aligned array (safetensors reads are). XLA cannot donate
+      memory it does not own, so a `fit`, `evaluate` or `predict` step,
+      which donates the weights, would copy them all at once (twice the
+      model); `own_host_weights` copies them into XLA's memory one at a
+      time first, and the variable is marked for it.
+
+    Returns False where the caller must `assign` (a copy).
+    """
+    backend = keras.config.backend()
+    dtype = host_arrays.numpy_dtype(variable.dtype)
+    if array.dtype != dtype or not array.flags.c_contiguous:
         return False
-    parameter.data = value
-    return True
+    if backend == "torch":
+        import torch
+
+        parameter = variable.value
+        value = backend_tensor(array)
+        if not (
+            isinstance(parameter, torch.nn.Parameter)
+            and parameter.device == value.device
+            and parameter.shape == value.shape
+        ):
+            return False
+        parameter.data = value
+        return True
+    if backend == "jax" and _jax_on_cpu() and keras.distribution.distribution() is None:
+        import jax
+
+        if array.ctypes.data % host_arrays.ALIGNMENT:
+            return False
+        value = jax.device_put(array)
+        variable.assign(value)
+        # Marked only if XLA took the array as it is (it copies otherwise).
+        variable._host_aliased = value.unsafe_buffer_pointer() == array.ctypes.data
+        return True
+    return False
+
+
+def _jax_on_cpu():
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def own_host_weights(model):
+    """Gives XLA its own copy of each weight `_adopt` left in a host array,
+    one at a time, before a jitted step donates them (JAX; see `_adopt`).
+
+    Runs before `fit`, `evaluate` and `predict` build their steps
+    (`training.TrainingMixin`): a load for generation alone never pays it.
+    """
+    if keras.config.backend() != "jax":
+        return
+    import jax
+
+    for variable in model.variables:
+        if getattr(variable, "_host_aliased", False):
+            variable._host_aliased = False
+            variable.assign(jax.numpy.array(variable.value, copy=True))
 
 
 def _transposes_while_copying(array, dtype):
