@@ -304,10 +304,9 @@ def _mapped(tensor, variable):
     at this machine's 0.55 GB/s). The variable's memory is then the page
     cache's, which the system may reclaim and re-read while the weights
     stay unchanged; writes (training) go to private copies, never to the
-    file. Other backends need memory they own: XLA cannot donate an
-    external buffer (a `fit` step would copy every weight) and aliases
-    only 64-byte aligned data, which safetensors does not promise;
-    TensorFlow needs 64-byte alignment too.
+    file. JAX and TensorFlow take only 64-byte aligned host memory as it
+    is, which safetensors does not promise: they take the arrays read
+    instead (`_adopt`).
     """
     if (
         tensor.mapped is None
@@ -445,7 +444,9 @@ def backend_tensor(array):
       transposed view once, transposing as it copies;
       `jax.device_put` would alias an aligned array, but XLA cannot donate
       a buffer it does not own: a LoRA `fit` step of the 2B then copied
-      every frozen weight and ran out of 24 GB;
+      every frozen weight and ran out of 24 GB (the safetensors loader
+      aliases what it reads all the same, and copies it into XLA's memory
+      before such a step: `_adopt`);
     - TensorFlow converts a numpy array with two copies, then copies it
       into the variable (a 2.5 GB transient); through DLPack it takes an
       aligned array as it is, and `assign` adopts that buffer (the

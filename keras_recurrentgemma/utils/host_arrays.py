@@ -6,9 +6,8 @@ embedding). Two facts decide whether a backend copies:
 
 - alignment: TensorFlow (Eigen) needs tensor data on a 64-byte boundary.
   A large numpy array is `malloc`'s mapping plus a 16-byte header, so it
-  is never aligned; `aligned_empty` and `aligned_zeros` are. (JAX's CPU
-  client would alias such arrays too, but the loader copies them for JAX:
-  see `convert.common.backend_tensor`.)
+  is never aligned; `aligned_empty` and `aligned_zeros` are. JAX's CPU
+  client aliases such arrays too (`convert.common._adopt`).
 - TensorFlow converts a numpy array with two copies; DLPack hands it the
   buffer itself (`tensorflow_tensor`).
 
