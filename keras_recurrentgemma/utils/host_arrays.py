@@ -108,7 +108,8 @@ def reused_buffer():
     """Inside, `read_buffer` returns views of one buffer, not new arrays.
 
     For a caller that copies each array read before it reads the next (the
-    loader on JAX, whose arrays live in XLA's own memory): a new array's
+    loader on JAX off a CPU, where XLA copies each array to its device;
+    measured on a CPU, when JAX copied there too): a new array's
     pages are faulted in and zeroed by the kernel as they are first
     written, which cost a quarter of the 9B's load time, while a reused
     buffer's pages are already there. The buffer is remade larger as
