@@ -32,7 +32,7 @@ def _initialization(load_weights):
 class _BackendTensorStore:
     """A layer's entry of a weights file whose arrays reach `assign` as the
     backend's tensors, made with the fewest copies
-    (`common.backend_tensor`).
+    (`backend_arrays.backend_tensor`).
 
     Keras's torch backend converts a bfloat16 NumPy array through a float32
     copy (torch has no NumPy bfloat16): for the 2B's embedding, 2.4 GiB at
@@ -54,7 +54,7 @@ class _BackendTensorStore:
 
     def __getitem__(self, key):
         # Imported here: `convert` imports the backbone, which imports this.
-        from keras_recurrentgemma.convert.common import backend_tensor
+        from keras_recurrentgemma.convert.backend_arrays import backend_tensor
 
         value = self._store[key]
         return backend_tensor(value) if isinstance(value, np.ndarray) else value
@@ -63,10 +63,10 @@ class _BackendTensorStore:
 def _backend_tensor_loads(backbone):
     """`{layer: load}`: each layer reads its weights through a
     `_BackendTensorStore`, and on JAX frees its own variables' placeholders
-    first (`common.release_placeholder`: otherwise each placeholder and its
+    first (`backend_arrays.release_placeholder`: otherwise each placeholder and its
     weight coexist, 1.2 GiB more for the 2B's embedding on a device). A load
     that fails leaves a model nobody gets."""
-    from keras_recurrentgemma.convert.common import release_placeholder
+    from keras_recurrentgemma.convert.backend_arrays import release_placeholder
 
     def reading(layer):
         load = layer.load_own_variables

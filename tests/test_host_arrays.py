@@ -113,14 +113,14 @@ def test_jax_loaded_weights_are_owned_by_xla(aligned):
     array (as Keras's `.h5` reader returns them) takes another path."""
     import jax
 
-    from keras_recurrentgemma.convert import common
+    from keras_recurrentgemma.convert import backend_arrays
 
     flat = host_arrays.aligned_empty((256 * 64 + 1,), "bfloat16")
     start = 0 if aligned else 1
     array = flat[start : start + 256 * 64].reshape(256, 64)
     assert (array.ctypes.data % host_arrays.ALIGNMENT == 0) == aligned
     array[...] = 1
-    weight = common.backend_tensor(array)
+    weight = backend_arrays.backend_tensor(array)
     address = np.asarray(weight).ctypes.data
     assert address != array.ctypes.data
     out = jax.jit(lambda x: x * 1, donate_argnums=0)(weight)

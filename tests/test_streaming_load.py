@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from keras_recurrentgemma import RecurrentGemmaBackbone
+from keras_recurrentgemma.convert import backend_arrays
 from keras_recurrentgemma.convert import common
 from keras_recurrentgemma.convert import huggingface
 from keras_recurrentgemma.convert import safetensors_reader
@@ -242,7 +243,7 @@ def test_bfloat16_kernels_load_without_a_host_transpose(monkeypatch, tmp_path):
     config = dict(TINY_CONFIGS["griffin"])
     hf = make_hf_model(config, config["block_types"], seed=5).to(torch.bfloat16)
     hf.save_pretrained(str(tmp_path))
-    transposes = calls_of(monkeypatch, common, "_transpose_2d")
+    transposes = calls_of(monkeypatch, backend_arrays, "_transpose_2d")
     backbone = RecurrentGemmaBackbone.from_preset(str(tmp_path), dtype="bfloat16")
     # Only the depthwise conv weights, `(l, 1, k)` -> `(k, l)`, are
     # transposed (on torch and TensorFlow; JAX's `device_put` does it).
@@ -266,7 +267,7 @@ def test_bfloat16_kernels_load_without_a_host_transpose(monkeypatch, tmp_path):
 def test_backend_tensor_keeps_bits(dtype):
     rng = np.random.default_rng(0)
     array = rng.normal(size=(5, 7)).astype(np.dtype(dtype))
-    tensor = common.backend_tensor(array)
+    tensor = backend_arrays.backend_tensor(array)
     back = keras.ops.convert_to_numpy(tensor)
     assert back.dtype == array.dtype
     np.testing.assert_array_equal(back, array)
@@ -276,10 +277,10 @@ def test_backend_tensor_keeps_bits(dtype):
 def test_host_copy_of_a_transpose(shape):
     rng = np.random.default_rng(1)
     source = rng.normal(size=shape).astype(ml_dtypes.bfloat16)
-    copy = common.host_copy(source.T, ml_dtypes.bfloat16)
+    copy = backend_arrays.host_copy(source.T, ml_dtypes.bfloat16)
     assert copy.flags.c_contiguous and copy.flags.writeable
     np.testing.assert_array_equal(copy, source.T)
-    widened = common.host_copy(source.T, np.float32)
+    widened = backend_arrays.host_copy(source.T, np.float32)
     np.testing.assert_array_equal(widened, source.T.astype(np.float32))
 
 

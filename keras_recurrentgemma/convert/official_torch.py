@@ -21,9 +21,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from keras_recurrentgemma.convert.backend_arrays import host_copy
 from keras_recurrentgemma.convert.common import LazyTensor
 from keras_recurrentgemma.convert.common import checkpoint_in
-from keras_recurrentgemma.convert.common import host_copy
 from keras_recurrentgemma.convert.common import locate_checkpoint
 from keras_recurrentgemma.convert.common import to_numpy
 from keras_recurrentgemma.convert.official import build_backbone

@@ -216,7 +216,7 @@ def quantize_tensor(target, array):
         `{variable path: numpy array}` for every variable of the layer but
         its bias.
     """
-    from keras_recurrentgemma.convert.common import host_copy
+    from keras_recurrentgemma.convert.backend_arrays import host_copy
 
     layer = target.layer
     mode = layer.quantization_mode

@@ -46,7 +46,7 @@ class LoadPlaceholder(keras.initializers.Zeros):
     7). On JAX on a CPU the same `calloc`ed zeros, which `jax.device_put`
     takes without a copy when aligned: XLA would otherwise fill 5 GB of
     zeros for the 2B, which the loader frees before each weight arrives
-    (`convert.common.release_placeholder`). On torch on a CPU too, shared
+    (`convert.backend_arrays.release_placeholder`). On torch on a CPU too, shared
     without a copy: the loader then hands each variable the array it read
     (`convert.common._adopt`), where zeros that torch wrote (17 GB for the
     9B) would only be dropped. Elsewhere Keras's own zeros.
