@@ -72,16 +72,20 @@ class TrainingMixin:
     # JAX's steps donate the weights, which XLA can only do with memory of
     # its own: weights a load left in host arrays are copied first, one at a
     # time (`convert.common.own_host_weights`), not all at once by XLA.
+    # Only when a step is built: `train_on_batch` asks for it every batch.
     def make_train_function(self, force=False):
-        own_host_weights(self)
+        if force or self.train_function is None:
+            own_host_weights(self)
         return super().make_train_function(force)
 
     def make_test_function(self, force=False):
-        own_host_weights(self)
+        if force or self.test_function is None:
+            own_host_weights(self)
         return super().make_test_function(force)
 
     def make_predict_function(self, force=False):
-        own_host_weights(self)
+        if force or self.predict_function is None:
+            own_host_weights(self)
         return super().make_predict_function(force)
 
     def _scale_float16_loss(self, auto_scale_loss):

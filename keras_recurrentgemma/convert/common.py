@@ -315,7 +315,7 @@ def _mapped(tensor, variable):
         tensor.mapped is None
         or keras.config.backend() != "torch"
         or tensor.dtype != np.dtype(host_arrays.numpy_dtype(variable.dtype))
-        or keras.ops.zeros(()).device.type != "cpu"
+        or variable.value.device.type != "cpu"
     ):
         return None
     return tensor.mapped()
