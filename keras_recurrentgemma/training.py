@@ -6,7 +6,8 @@ and `compute_loss` makes the logits `_loss_chunk_size` tokens at a time
 (`keras_recurrentgemma.chunked_loss`), updating the metrics per chunk, so
 the `[batch, seq, vocab]` logits are never held. Also loss scaling for pure
 float16 and `fit`'s warnings; on torch on a CPU, glibc's `malloc` is told
-once to return large freed blocks (`utils/host_malloc.py`).
+once to return large freed blocks, and on JAX the heaps are trimmed after
+each long compile (`utils/host_malloc.py`).
 """
 
 import sys
@@ -75,17 +76,17 @@ class TrainingMixin:
     # Only when a step is built: `train_on_batch` asks for it every batch.
     def make_train_function(self, force=False):
         if force or self.train_function is None:
-            own_host_weights(self)
+            _before_building_a_step(self)
         return super().make_train_function(force)
 
     def make_test_function(self, force=False):
         if force or self.test_function is None:
-            own_host_weights(self)
+            _before_building_a_step(self)
         return super().make_test_function(force)
 
     def make_predict_function(self, force=False):
         if force or self.predict_function is None:
-            own_host_weights(self)
+            _before_building_a_step(self)
         return super().make_predict_function(force)
 
     def _scale_float16_loss(self, auto_scale_loss):
@@ -128,6 +129,14 @@ class TrainingMixin:
             finally:
                 if distribution is not None:
                     distribution.auto_shard_dataset = True
+
+
+def _before_building_a_step(model):
+    own_host_weights(model)
+    if keras.config.backend() == "jax":
+        # The step's compile would otherwise leave its freed memory in
+        # glibc's heaps, under the step's buffers (`utils/host_malloc.py`).
+        host_malloc.trim_after_compiles()
 
 
 def _on_cpu(model):

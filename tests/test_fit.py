@@ -261,3 +261,58 @@ def test_heap_retention_limit_leaves_a_users_setting(monkeypatch):
     monkeypatch.setattr(host_malloc, "_done", False)
     # glibc's mallopt returns 1 on success; this project's CI runs on Linux.
     assert host_malloc.limit_heap_retention() is sys.platform.startswith("linux")
+
+
+def test_jax_training_trims_glibcs_heaps_after_compiling(monkeypatch):
+    from keras_recurrentgemma.utils import host_malloc
+
+    calls = []
+    monkeypatch.setattr(host_malloc, "trim_after_compiles", lambda: calls.append(1))
+    lm = tiny_causal_lm("griffin", sequence_length=8)
+    lm.compile(optimizer="sgd")
+    ids = np.arange(1, 10, dtype="int32")[None]
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
+    lm.train_on_batch(x, ids[:, 1:])
+    lm.predict(x, verbose=0)
+    # Once per step built (train, then predict), and only JAX compiles.
+    assert calls == ([1, 1] if keras.config.backend() == "jax" else [])
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="XLA compiles on JAX")
+def test_heap_trim_follows_long_compiles_only(monkeypatch):
+    import jax
+
+    from keras_recurrentgemma.utils import host_malloc
+
+    trims = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+
+    monkeypatch.setattr(host_malloc, "_glibc", FakeLibc)
+    monkeypatch.setattr(host_malloc, "_trimming", False)
+    monkeypatch.setattr(host_malloc, "_listener", None)
+    assert host_malloc.trim_after_compiles() is True
+    try:
+        assert host_malloc.trim_after_compiles() is False  # once per process
+        # Every compile is "long" at 0 s: this checks JAX still records the
+        # event the listener waits for under the name it expects.
+        monkeypatch.setattr(host_malloc, "TRIM_AFTER_SECONDS", 0.0)
+        jax.jit(lambda v: v * 3 + 1)(np.ones(5, "float32")).block_until_ready()
+        assert trims == [0]
+        monkeypatch.setattr(host_malloc, "TRIM_AFTER_SECONDS", 1e9)
+        jax.jit(lambda v: v * 5 - 2)(np.ones(5, "float32")).block_until_ready()
+        assert trims == [0]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(host_malloc._listener)
+
+
+def test_heap_trim_needs_glibc(monkeypatch):
+    from keras_recurrentgemma.utils import host_malloc
+
+    monkeypatch.setattr(host_malloc, "_glibc", lambda: None)
+    monkeypatch.setattr(host_malloc, "_trimming", False)
+    monkeypatch.setattr(host_malloc, "_listener", None)
+    assert host_malloc.trim_after_compiles() is False
+    assert host_malloc._listener is None
