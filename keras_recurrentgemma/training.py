@@ -16,7 +16,7 @@ import warnings
 import keras
 
 from keras_recurrentgemma import chunked_loss
-from keras_recurrentgemma.convert.common import own_host_weights
+from keras_recurrentgemma.convert.backend_arrays import own_host_weights
 from keras_recurrentgemma.utils import host_malloc
 
 
@@ -72,7 +72,7 @@ class TrainingMixin:
 
     # JAX's steps donate the weights, which XLA can only do with memory of
     # its own: weights a load left in host arrays are copied first, one at a
-    # time (`convert.common.own_host_weights`), not all at once by XLA.
+    # time (`convert.backend_arrays.own_host_weights`), not all at once by XLA.
     # Only when a step is built: `train_on_batch` asks for it every batch.
     def make_train_function(self, force=False):
         if force or self.train_function is None:

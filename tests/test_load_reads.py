@@ -1,18 +1,22 @@
 """How a safetensors load reads its bytes: in parallel chunks, into a reused
-buffer on JAX, mapped on torch, and never into arrays the caller still holds.
+buffer on JAX off a CPU, mapped on torch (and on JAX where a tensor lies
+aligned), and never into arrays the caller still holds.
 
 The 9B's 17 GB are most of its load time; these tests prove the mechanisms
 on tiny checkpoints, `tools/benchmark_real_size.py` measures the time.
 """
 
 import hashlib
+import json
 import os
+import struct
 
 import keras
 import numpy as np
 import pytest
 
 from keras_recurrentgemma import RecurrentGemmaBackbone
+from keras_recurrentgemma.convert import backend_arrays
 from keras_recurrentgemma.convert import common
 from keras_recurrentgemma.convert import huggingface
 from keras_recurrentgemma.convert import safetensors_reader
@@ -42,7 +46,7 @@ def test_chunked_parallel_reads_give_the_same_model(monkeypatch, hf_dir, referen
     # Chunks of 1000 bytes: every tensor but the scalars is read by
     # several threads, the last chunk short.
     monkeypatch.setattr(safetensors_reader, "READ_CHUNK", 1000)
-    monkeypatch.setattr(common, "_mapped", lambda tensor, variable: None)
+    monkeypatch.setattr(backend_arrays, "mapped_view", lambda tensor, variable: None)
     assert_same_weights(RecurrentGemmaBackbone.from_preset(hf_dir), reference)
 
 
@@ -107,7 +111,7 @@ def test_a_reused_buffer_lends_one_buffer_and_fits_it_to_the_reads():
 def test_jax_off_a_cpu_reads_into_one_buffer(monkeypatch, hf_dir, reference):
     """Where XLA copies each array to a device, the host side reuses one
     buffer (exercised on a CPU by saying it is not one)."""
-    monkeypatch.setattr(common, "_jax_on_cpu", lambda: False)
+    monkeypatch.setattr(backend_arrays, "jax_on_cpu", lambda: False)
     made = []
     original = host_arrays.aligned_empty
 
@@ -173,20 +177,99 @@ def test_a_load_never_aliases_arrays_the_caller_holds(hf_dir, reference):
     assert_same_weights(backbone, reference)
 
 
+def file_mappings(filename):
+    """The address ranges of `filename`'s maps in this process."""
+    with open("/proc/self/maps") as f:
+        return [
+            [int(n, 16) for n in line.split()[0].split("-")]
+            for line in f
+            if line.rstrip().endswith(filename)
+        ]
+
+
+def aligned_keys(filename):
+    """The keys of the tensors whose data lies on a 64-byte boundary of
+    `filename` (a map of it starts on a page)."""
+    with open(filename, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {
+        key
+        for key, info in header.items()
+        if key != "__metadata__"
+        and (8 + size + info["data_offsets"][0]) % host_arrays.ALIGNMENT == 0
+    }
+
+
+@pytest.fixture(scope="module")
+def aligned_hf_dir(hf_dir, tmp_path_factory):
+    """`hf_dir` with the safetensors header padded (with spaces, as the
+    format allows) so that its data, and with it every tensor of the tiny
+    model (all multiples of 64 bytes), starts on a 64-byte boundary."""
+    out = tmp_path_factory.mktemp("aligned")
+    for name in os.listdir(hf_dir):
+        with open(os.path.join(hf_dir, name), "rb") as f:
+            data = f.read()
+        if name == "model.safetensors":
+            (size,) = struct.unpack("<Q", data[:8])
+            pad = -(8 + size) % host_arrays.ALIGNMENT
+            header = data[8 : 8 + size] + b" " * pad
+            data = struct.pack("<Q", size + pad) + header + data[8 + size :]
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+    return str(out)
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX's host aliasing")
+@pytest.mark.parametrize("aligned", [True, False])
+def test_jax_maps_the_tensors_that_lie_aligned(
+    hf_dir, aligned_hf_dir, reference, aligned
+):
+    """XLA takes host memory as it is only on a 64-byte boundary: tensors
+    the file holds so are mapped, the rest read (safetensors promises 8)."""
+    from keras_recurrentgemma import RecurrentGemmaCausalLM
+
+    directory = aligned_hf_dir if aligned else hf_dir
+    filename = os.path.join(directory, "model.safetensors")
+    before = file_digest(filename)
+    causal_lm = RecurrentGemmaCausalLM.from_preset(directory, preprocessor=None)
+    backbone = causal_lm.backbone
+    assert_same_weights(backbone, reference)
+    keys = aligned_keys(filename)
+    # The padded file has every tensor aligned, `transformers`' none.
+    assert bool(keys) == aligned
+    expected = {
+        path
+        for path, key, how in huggingface.weight_map(backbone)
+        if how != "conv" and key in keys
+    }
+    regions = file_mappings(filename)
+    for variable in backbone.weights:
+        address = variable_buffer_address(variable)
+        inside = any(start <= address < end for start, end in regions)
+        assert inside == (variable.path in expected), variable.path
+    # A training step takes XLA's own copies first, and writes none to the
+    # file.
+    backbone.enable_lora(2)
+    causal_lm.compile(optimizer="sgd")
+    token_ids = np.array([[1, 5, 9, 3]], "int32")
+    x = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    causal_lm.train_on_batch(x, token_ids)
+    for variable in backbone.weights:
+        address = variable_buffer_address(variable)
+        assert not any(start <= address < end for start, end in regions)
+    assert file_digest(filename) == before
+
+
 @pytest.mark.skipif(
-    keras.config.backend() != "torch", reason="only torch maps the file (`_mapped`)"
+    keras.config.backend() != "torch", reason="torch maps every tensor (`mapped_view`)"
 )
 def test_torch_variables_map_the_checkpoint_copy_on_write(hf_dir, reference):
     filename = os.path.join(hf_dir, "model.safetensors")
     before = file_digest(filename)
     loaded = RecurrentGemmaBackbone.from_preset(hf_dir)
     assert_same_weights(loaded, reference)
-    with open("/proc/self/maps") as f:
-        regions = [
-            [int(n, 16) for n in line.split()[0].split("-")]
-            for line in f
-            if line.rstrip().endswith(filename)
-        ]
+    regions = file_mappings(filename)
     assert regions
     # All but the convolutions, which are transposed as they are read.
     mapped = {path for path, _, how in huggingface.weight_map(loaded) if how != "conv"}

@@ -180,7 +180,7 @@ def test_hf_load_holds_one_tensor_at_a_time(monkeypatch, hf_dir):
 
     monkeypatch.setattr(safetensors_reader, "_read", tracked)
     # Every tensor read, none mapped (torch maps them: `test_load_reads`).
-    monkeypatch.setattr(common, "_mapped", lambda tensor, variable: None)
+    monkeypatch.setattr(backend_arrays, "mapped_view", lambda tensor, variable: None)
     backbone = RecurrentGemmaBackbone.from_preset(hf_dir)
     assert len(opened) == len(backbone.weights)
     adopted = {key: ref() for key, ref in alive.items()}

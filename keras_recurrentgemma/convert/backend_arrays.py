@@ -3,7 +3,10 @@
 What the loaders share once a tensor is read: `host_copy` makes it dense
 and of its variable's dtype, `backend_tensor` turns it into what the
 backend's `assign` takes without a further copy, and `release_placeholder`
-frees a JAX variable's placeholder before its weight arrives.
+frees a JAX variable's placeholder before its weight arrives. Where the
+backend can, a variable takes the host memory itself instead (`adopt`, of
+an array read or of the file's map, `mapped_view`), and JAX gets its own
+copies back before a step donates them (`own_host_weights`).
 """
 
 import concurrent.futures
@@ -69,7 +72,7 @@ def backend_tensor(array):
       a buffer it does not own: a LoRA `fit` step of the 2B then copied
       every frozen weight and ran out of 24 GB (the safetensors loader
       aliases what it reads all the same, and copies it into XLA's memory
-      before such a step: `_adopt`);
+      before such a step: `adopt`);
     - TensorFlow converts a numpy array with two copies, then copies it
       into the variable (a 2.5 GB transient); through DLPack it takes an
       aligned array as it is, and `assign` adopts that buffer (the
@@ -133,3 +136,108 @@ def host_copy(array, dtype):
     if array.flags.c_contiguous and array.flags.writeable and array.dtype == dtype:
         return array
     return host_arrays.copy_into(host_arrays.aligned_empty(array.shape, dtype), array)
+
+
+def mapped_view(tensor, variable):
+    """The copy-on-write map of `tensor`'s file, where the variable can hold
+    it as it is (`adopt`); else None.
+
+    As Hugging Face's `from_pretrained` does: the 9B's 17 GB are then read
+    from disk as the model first uses them, not all while it loads (31 s
+    at this machine's 0.55 GB/s). The variable's memory is then the page
+    cache's, which the system may reclaim and re-read while the weights
+    stay unchanged; writes (training) go to private copies, never to the
+    file. torch on a CPU takes any tensor so. JAX on a CPU (without a
+    distribution) takes only 64-byte aligned host memory as it is, which
+    safetensors does not promise (8 bytes): it maps the tensors that
+    happen to be aligned (a quarter of the 9B's bytes) and reads the rest.
+    TensorFlow reads them all.
+    """
+    if tensor.mapped is None or tensor.dtype != np.dtype(
+        host_arrays.numpy_dtype(variable.dtype)
+    ):
+        return None
+    backend = keras.config.backend()
+    if backend == "torch" and variable.value.device.type == "cpu":
+        return tensor.mapped()
+    if backend == "jax" and jax_adopts():
+        array = tensor.mapped()
+        if array.ctypes.data % host_arrays.ALIGNMENT == 0:
+            return array
+    return None
+
+
+def adopt(variable, array):
+    """Makes `variable` hold `array`'s memory itself, where the backend can:
+    `array` is one only the loader holds, and a copy would write the 9B's
+    17 GB twice.
+
+    - torch on a CPU: `parameter.data` becomes a tensor on the array; the
+      `Parameter` stays the same object, so modules and optimizers still
+      see it.
+    - JAX on a CPU, without a distribution: `jax.device_put` aliases a
+      64-byte aligned array (safetensors reads are). XLA cannot donate
+      memory it does not own, so a `fit`, `evaluate` or `predict` step,
+      which donates the weights, would copy them all at once (twice the
+      model); `own_host_weights` copies them into XLA's memory one at a
+      time first, and the variable is marked for it.
+
+    Returns False where the caller must `assign` (a copy).
+    """
+    backend = keras.config.backend()
+    dtype = host_arrays.numpy_dtype(variable.dtype)
+    if array.dtype != dtype or not array.flags.c_contiguous:
+        return False
+    if backend == "torch":
+        import torch
+
+        parameter = variable.value
+        value = backend_tensor(array)
+        if not (
+            isinstance(parameter, torch.nn.Parameter)
+            and parameter.device == value.device
+            and parameter.shape == value.shape
+        ):
+            return False
+        parameter.data = value
+        return True
+    if backend == "jax" and jax_adopts():
+        import jax
+
+        if array.ctypes.data % host_arrays.ALIGNMENT:
+            return False
+        value = jax.device_put(array)
+        variable.assign(value)
+        # Marked only if XLA took the array as it is (it copies otherwise).
+        variable._host_aliased = value.unsafe_buffer_pointer() == array.ctypes.data
+        return True
+    return False
+
+
+def jax_on_cpu():
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def jax_adopts():
+    """Whether `jax.device_put` can alias host memory for a variable: on a
+    CPU, with no distribution to shard it."""
+    return jax_on_cpu() and keras.distribution.distribution() is None
+
+
+def own_host_weights(model):
+    """Gives XLA its own copy of each weight `adopt` left in a host array,
+    one at a time, before a jitted step donates them (JAX; see `adopt`).
+
+    Runs before `fit`, `evaluate` and `predict` build their steps
+    (`training.TrainingMixin`): a load for generation alone never pays it.
+    """
+    if keras.config.backend() != "jax":
+        return
+    import jax
+
+    for variable in model.variables:
+        if getattr(variable, "_host_aliased", False):
+            variable._host_aliased = False
+            variable.assign(jax.numpy.array(variable.value, copy=True))

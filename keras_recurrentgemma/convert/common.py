@@ -18,6 +18,7 @@ import keras
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from keras_recurrentgemma.convert import backend_arrays
 from keras_recurrentgemma.convert.backend_arrays import backend_tensor
 from keras_recurrentgemma.convert.backend_arrays import host_copy
 from keras_recurrentgemma.convert.backend_arrays import release_placeholder
@@ -248,8 +249,8 @@ def assign_backbone_weights(backbone, tensors, source):
 
         paths = tqdm(paths, desc="Loading weights", unit="tensor")
     # Where JAX copies each array into memory of its own (not on a CPU, see
-    # `_adopt`), one read buffer serves every tensor.
-    reused = keras.config.backend() == "jax" and not _jax_on_cpu()
+    # `backend_arrays.adopt`), one read buffer serves every tensor.
+    reused = keras.config.backend() == "jax" and not backend_arrays.jax_on_cpu()
     with host_arrays.reused_buffer() if reused else contextlib.nullcontext():
         for path in paths:
             _, array = tensors.pop(path)
@@ -277,7 +278,7 @@ def _assign(variable, array, reused):
     # in memory is the caller's, and the variable must not alias it.
     ours = isinstance(array, LazyTensor)
     if ours:
-        mapped = _mapped(array, variable)
+        mapped = backend_arrays.mapped_view(array, variable)
         array = array.read() if mapped is None else mapped
     release_placeholder(variable)
     if not transposes_while_copying(array, variable.dtype):
@@ -290,105 +291,12 @@ def _assign(variable, array, reused):
             )
         ours = ours or copy is not array
         array = copy
-    if not (ours and _adopt(variable, array)):
+    if not (ours and backend_arrays.adopt(variable, array)):
         variable.assign(backend_tensor(array))
     del array
     if reused:
         # `device_put` may still be copying when it returns.
         variable.value.block_until_ready()
-
-
-def _mapped(tensor, variable):
-    """The copy-on-write map of `tensor`'s file, where a torch variable on a
-    CPU can hold it as it is (`_adopt`); else None.
-
-    As Hugging Face's `from_pretrained` does: the 9B's 17 GB are then read
-    from disk as the model first uses them, not all while it loads (31 s
-    at this machine's 0.55 GB/s). The variable's memory is then the page
-    cache's, which the system may reclaim and re-read while the weights
-    stay unchanged; writes (training) go to private copies, never to the
-    file. JAX and TensorFlow take only 64-byte aligned host memory as it
-    is, which safetensors does not promise: they take the arrays read
-    instead (`_adopt`).
-    """
-    if (
-        tensor.mapped is None
-        or keras.config.backend() != "torch"
-        or tensor.dtype != np.dtype(host_arrays.numpy_dtype(variable.dtype))
-        or variable.value.device.type != "cpu"
-    ):
-        return None
-    return tensor.mapped()
-
-
-def _adopt(variable, array):
-    """Makes `variable` hold `array`'s memory itself, where the backend can:
-    `array` is one only the loader holds, and a copy would write the 9B's
-    17 GB twice.
-
-    - torch on a CPU: `parameter.data` becomes a tensor on the array; the
-      `Parameter` stays the same object, so modules and optimizers still
-      see it.
-    - JAX on a CPU, without a distribution: `jax.device_put` aliases a
-      64-byte aligned array (safetensors reads are). XLA cannot donate
-      memory it does not own, so a `fit`, `evaluate` or `predict` step,
-      which donates the weights, would copy them all at once (twice the
-      model); `own_host_weights` copies them into XLA's memory one at a
-      time first, and the variable is marked for it.
-
-    Returns False where the caller must `assign` (a copy).
-    """
-    backend = keras.config.backend()
-    dtype = host_arrays.numpy_dtype(variable.dtype)
-    if array.dtype != dtype or not array.flags.c_contiguous:
-        return False
-    if backend == "torch":
-        import torch
-
-        parameter = variable.value
-        value = backend_tensor(array)
-        if not (
-            isinstance(parameter, torch.nn.Parameter)
-            and parameter.device == value.device
-            and parameter.shape == value.shape
-        ):
-            return False
-        parameter.data = value
-        return True
-    if backend == "jax" and _jax_on_cpu() and keras.distribution.distribution() is None:
-        import jax
-
-        if array.ctypes.data % host_arrays.ALIGNMENT:
-            return False
-        value = jax.device_put(array)
-        variable.assign(value)
-        # Marked only if XLA took the array as it is (it copies otherwise).
-        variable._host_aliased = value.unsafe_buffer_pointer() == array.ctypes.data
-        return True
-    return False
-
-
-def _jax_on_cpu():
-    import jax
-
-    return jax.default_backend() == "cpu"
-
-
-def own_host_weights(model):
-    """Gives XLA its own copy of each weight `_adopt` left in a host array,
-    one at a time, before a jitted step donates them (JAX; see `_adopt`).
-
-    Runs before `fit`, `evaluate` and `predict` build their steps
-    (`training.TrainingMixin`): a load for generation alone never pays it.
-    """
-    if keras.config.backend() != "jax":
-        return
-    import jax
-
-    for variable in model.variables:
-        if getattr(variable, "_host_aliased", False):
-            variable._host_aliased = False
-            variable.assign(jax.numpy.array(variable.value, copy=True))
 
 
 def _variable_paths(target):

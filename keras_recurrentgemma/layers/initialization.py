@@ -48,7 +48,7 @@ class LoadPlaceholder(keras.initializers.Zeros):
     zeros for the 2B, which the loader frees before each weight arrives
     (`convert.backend_arrays.release_placeholder`). On torch on a CPU too, shared
     without a copy: the loader then hands each variable the array it read
-    (`convert.common._adopt`), where zeros that torch wrote (17 GB for the
+    (`convert.backend_arrays.adopt`), where zeros that torch wrote (17 GB for the
     9B) would only be dropped. Elsewhere Keras's own zeros.
     """
 

@@ -7,7 +7,7 @@ embedding). Two facts decide whether a backend copies:
 - alignment: TensorFlow (Eigen) needs tensor data on a 64-byte boundary.
   A large numpy array is `malloc`'s mapping plus a 16-byte header, so it
   is never aligned; `aligned_empty` and `aligned_zeros` are. JAX's CPU
-  client aliases such arrays too (`convert.common._adopt`).
+  client aliases such arrays too (`convert.backend_arrays.adopt`).
 - TensorFlow converts a numpy array with two copies; DLPack hands it the
   buffer itself (`tensorflow_tensor`).
 
