@@ -233,18 +233,23 @@ def test_jax_remat_keeps_one_blocks_activations():
     assert scratch_bytes(remat=True) < 0.5 * scratch_bytes(remat=False)
 
 
-def test_torch_training_on_a_cpu_limits_glibcs_heap_retention(monkeypatch):
+def test_training_on_a_cpu_tells_glibc_what_the_backend_needs(monkeypatch):
     from keras_recurrentgemma.utils import host_malloc
 
-    calls = []
-    monkeypatch.setattr(host_malloc, "limit_heap_retention", lambda: calls.append(1))
+    limits, trims = [], []
+    monkeypatch.setattr(host_malloc, "limit_heap_retention", lambda: limits.append(1))
+    monkeypatch.setattr(host_malloc, "trim_after_compiles", lambda: trims.append(1))
     lm = tiny_causal_lm("griffin", sequence_length=8)
     lm.compile(optimizer="sgd")
     ids = np.arange(1, 10, dtype="int32")[None]
     x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
     lm.train_on_batch(x, ids[:, 1:])
-    # The tests run on a CPU; only torch uses glibc's heap for its tensors.
-    assert calls == ([1] if keras.config.backend() == "torch" else [])
+    lm.predict(x, verbose=0)
+    # The tests run on a CPU; only torch uses glibc's heap for its tensors,
+    # once per training step.
+    assert limits == ([1] if keras.config.backend() == "torch" else [])
+    # Once per step built (train, then predict), and only JAX compiles.
+    assert trims == ([1, 1] if keras.config.backend() == "jax" else [])
 
 
 def test_heap_retention_limit_leaves_a_users_setting(monkeypatch):
@@ -261,21 +266,6 @@ def test_heap_retention_limit_leaves_a_users_setting(monkeypatch):
     monkeypatch.setattr(host_malloc, "_done", False)
     # glibc's mallopt returns 1 on success; this project's CI runs on Linux.
     assert host_malloc.limit_heap_retention() is sys.platform.startswith("linux")
-
-
-def test_jax_training_trims_glibcs_heaps_after_compiling(monkeypatch):
-    from keras_recurrentgemma.utils import host_malloc
-
-    calls = []
-    monkeypatch.setattr(host_malloc, "trim_after_compiles", lambda: calls.append(1))
-    lm = tiny_causal_lm("griffin", sequence_length=8)
-    lm.compile(optimizer="sgd")
-    ids = np.arange(1, 10, dtype="int32")[None]
-    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones_like(ids[:, :-1])}
-    lm.train_on_batch(x, ids[:, 1:])
-    lm.predict(x, verbose=0)
-    # Once per step built (train, then predict), and only JAX compiles.
-    assert calls == ([1, 1] if keras.config.backend() == "jax" else [])
 
 
 @pytest.mark.skipif(keras.config.backend() != "jax", reason="XLA compiles on JAX")
