@@ -50,6 +50,37 @@ def test_chunked_parallel_reads_give_the_same_model(monkeypatch, hf_dir, referen
     assert_same_weights(RecurrentGemmaBackbone.from_preset(hf_dir), reference)
 
 
+@pytest.mark.parametrize(
+    "floats, calls",
+    [
+        (1024, [1024] * 4),  # one READ_CHUNK: divided among the 4 threads
+        (3072, [3072] * 4),  # three READ_CHUNKs: still one chunk per thread
+        (8192, [4096] * 8),  # larger: READ_CHUNK at most
+        (100, [400]),  # under MIN_CHUNK: one call
+    ],
+)
+def test_every_tensor_is_divided_among_all_the_threads(
+    monkeypatch, tmp_path, floats, calls
+):
+    """A tensor of one or a few READ_CHUNKs is split over all READ_THREADS
+    threads, not read by one or three of them (the 9B's 32 MiB tensors)."""
+    monkeypatch.setattr(safetensors_reader, "READ_CHUNK", 4096)
+    monkeypatch.setattr(safetensors_reader, "MIN_CHUNK", 512)
+    read_into = safetensors_reader._read_into
+    sizes = []
+
+    def counted(fd, view, offset):
+        sizes.append(len(view))
+        return read_into(fd, view, offset)
+
+    monkeypatch.setattr(safetensors_reader, "_read_into", counted)
+    filename = str(tmp_path / "data.bin")
+    np.arange(floats + 2, dtype=np.float32).tofile(filename)
+    array = safetensors_reader._read(filename, np.float32, 8, (floats,))
+    assert sorted(sizes, reverse=True) == calls
+    np.testing.assert_array_equal(array, np.arange(2, floats + 2, dtype=np.float32))
+
+
 @pytest.mark.parametrize("chunk", [1000, 1 << 20])
 def test_a_read_past_the_end_names_the_file(monkeypatch, tmp_path, chunk):
     """A file cut short after its header was checked (as when it is being
