@@ -64,6 +64,7 @@ def test_every_tensor_is_divided_among_all_the_threads(
 ):
     """A tensor of one or a few READ_CHUNKs is split over all READ_THREADS
     threads, not read by one or three of them (the 9B's 32 MiB tensors)."""
+    monkeypatch.setattr(safetensors_reader, "READ_THREADS", 4)
     monkeypatch.setattr(safetensors_reader, "READ_CHUNK", 4096)
     monkeypatch.setattr(safetensors_reader, "MIN_CHUNK", 512)
     read_into = safetensors_reader._read_into
