@@ -17,7 +17,8 @@ object: per shape, both times in ms and `ratio` (ours over torch's); and
 recurrent block: three `[w, w]`; an attention block: `[w, w]` twice and
 `[h, w]` twice for the key and value; every block's MLP: two `[m, w]` and
 one `[w, m]`; and the tied logits `[v, w]`), the floor of a decode step
-that the rest of it adds to.
+that the rest of it adds to. The shapes come from the released config that
+`benchmark_real_size.py` writes, read by our Hugging Face converter.
 """
 
 import argparse
@@ -32,11 +33,10 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
-# width, MLP width, key/value width, vocabulary, layers (recurrent, attention).
-CONFIGS = {
-    "2b": dict(w=2560, m=7680, h=256, v=256000, recurrent=18, attention=8),
-    "9b": dict(w=4096, m=12288, h=256, v=256000, recurrent=26, attention=12),
-}
+# The released configs, as the real-size benchmark writes them (a sibling
+# script: `tools/` is this script's first import path).
+from benchmark_real_size import CONFIGS  # noqa: E402
+from benchmark_real_size import hf_config  # noqa: E402
 
 
 def least_ms(fn, repeats):
@@ -49,8 +49,9 @@ def least_ms(fn, repeats):
     return 1e3 * min(times)
 
 
-def time_side(side, config, repeats):
-    """`{shape: least ms}` for one side ("ours" or "torch"), in this process."""
+def time_side(side, shapes, repeats):
+    """`{shape: least ms}` for one side ("ours" or "torch"), in this process,
+    for each `[out, in]` of `shapes`."""
     rng = np.random.default_rng(0)
     if side == "ours":
         import jax
@@ -61,7 +62,7 @@ def time_side(side, config, repeats):
     else:
         import torch
     times = {}
-    for out, inn in products(config):
+    for out, inn in shapes:
         matrix = (rng.standard_normal((out, inn), np.float32) / 64).astype(
             ml_dtypes.bfloat16
         )
@@ -82,16 +83,23 @@ def time_side(side, config, repeats):
 
 
 def products(config):
-    """`{(out, in): products per token}` of a decode step at `config`."""
-    c = CONFIGS[config]
-    w, m, h, v = c["w"], c["m"], c["h"], c["v"]
-    return {
-        (w, w): 3 * c["recurrent"] + 2 * c["attention"],
-        (h, w): 2 * c["attention"],
-        (m, w): 2 * (c["recurrent"] + c["attention"]),
-        (w, m): c["recurrent"] + c["attention"],
-        (v, w): 1,
+    """`{(out, in): products per token}` of a decode step at `config`, from
+    the backbone config our converter reads from its HF config."""
+    from keras_recurrentgemma.convert.huggingface import config_from_huggingface
+
+    c = config_from_huggingface(hf_config(config).to_dict())
+    w, m, lru = c["hidden_dim"], c["intermediate_dim"], c["lru_width"]
+    h = w // c["num_heads"]  # one key/value head
+    counts = {}
+    per_block = {
+        "recurrent": [(lru, w), (lru, w), (w, lru)],
+        "attention": [(w, w), (h, w), (h, w), (w, w)],
     }
+    for block_type in c["block_types"]:
+        for shape in per_block[block_type] + [(m, w), (m, w), (w, m)]:
+            counts[shape] = counts.get(shape, 0) + 1
+    counts[(c["vocabulary_size"], w)] = 1  # the tied logits
+    return counts
 
 
 def main():
@@ -99,21 +107,25 @@ def main():
     parser.add_argument("--config", choices=sorted(CONFIGS), default="9b")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--side", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        print(json.dumps(time_side(args.side, args.config, args.repeats)))
+        shapes = json.loads(args.shapes)
+        print(json.dumps(time_side(args.side, shapes, args.repeats)))
         return
+    counts = products(args.config)
     sides = {}
     for side in ("ours", "torch"):
         command = [sys.executable, __file__, "--side", side]
-        command += ["--config", args.config, "--repeats", str(args.repeats)]
+        command += ["--shapes", json.dumps(list(counts))]
+        command += ["--repeats", str(args.repeats)]
         env = dict(os.environ, KERAS_BACKEND="jax")
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(done.stderr[-2000:])
         sides[side] = json.loads(done.stdout.splitlines()[-1])
     shapes, step = {}, {"ours": 0.0, "torch": 0.0}
-    for (out, inn), count in products(args.config).items():
+    for (out, inn), count in counts.items():
         key = f"{out}x{inn}"
         ours, theirs = sides["ours"][key], sides["torch"][key]
         shapes[key] = {
