@@ -1,5 +1,8 @@
 """Tiny causal LMs with random weights, shared by the generation tests."""
 
+import json
+import struct
+
 import keras
 import numpy as np
 
@@ -87,6 +90,14 @@ def write_tiny_hf_checkpoint(path, seed=3):
     model.save_pretrained(str(path))
     (path / "tokenizer.model").write_bytes(tiny_proto())
     return str(path)
+
+
+def safetensors_header(filename):
+    """`(header, data_start)` of a `.safetensors` file: its JSON header and
+    the file offset its tensors' `data_offsets` count from."""
+    with open(filename, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
 
 
 def variable_buffer_address(variable):

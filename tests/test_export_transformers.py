@@ -9,7 +9,6 @@ tokens, tokenizer ids; and loaded back by our own HF loader bit for bit.
 
 import json
 import os
-import struct
 
 import keras
 import numpy as np
@@ -23,6 +22,7 @@ from keras_recurrentgemma.convert import to_transformers
 from keras_recurrentgemma.convert.to_transformers import export_to_transformers
 from tests.conftest import TINY_CONFIGS
 from tests.models import assert_same_weights
+from tests.models import safetensors_header
 from tests.models import tiny_causal_lm
 from tests.models import tiny_tokenizer
 from tests.tolerances import LORA_EFFECT
@@ -69,18 +69,12 @@ def token_ids(vocabulary_size, length, seed=0):
     return ids
 
 
-def safetensors_header(filename):
-    with open(filename, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size))
-
-
 def exported_dtypes(path):
     names = [n for n in os.listdir(path) if n.endswith(".safetensors")]
     return {
         info["dtype"]
         for name in names
-        for key, info in safetensors_header(os.path.join(path, name)).items()
+        for key, info in safetensors_header(os.path.join(path, name))[0].items()
         if key != "__metadata__"
     }
 

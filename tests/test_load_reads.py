@@ -7,7 +7,6 @@ on tiny checkpoints, `tools/benchmark_real_size.py` measures the time.
 """
 
 import hashlib
-import json
 import os
 import struct
 
@@ -23,6 +22,7 @@ from keras_recurrentgemma.convert import safetensors_reader
 from keras_recurrentgemma.layers.initialization import skip_random_initialization
 from keras_recurrentgemma.utils import host_arrays
 from tests.models import assert_same_weights
+from tests.models import safetensors_header
 from tests.models import variable_buffer_address
 from tests.models import write_tiny_hf_checkpoint
 
@@ -222,14 +222,12 @@ def file_mappings(filename):
 def aligned_keys(filename):
     """The keys of the tensors whose data lies on a 64-byte boundary of
     `filename` (a map of it starts on a page)."""
-    with open(filename, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+    header, data_start = safetensors_header(filename)
     return {
         key
         for key, info in header.items()
         if key != "__metadata__"
-        and (8 + size + info["data_offsets"][0]) % host_arrays.ALIGNMENT == 0
+        and (data_start + info["data_offsets"][0]) % host_arrays.ALIGNMENT == 0
     }
 
 

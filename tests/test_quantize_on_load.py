@@ -12,9 +12,7 @@ What is proved, on every backend, for every source format:
 `tools/benchmark_real_size.py --quantize int8` measures the released sizes.
 """
 
-import json
 import os
-import struct
 
 import keras
 import numpy as np
@@ -24,6 +22,7 @@ from keras_recurrentgemma import RecurrentGemmaBackbone
 from keras_recurrentgemma import RecurrentGemmaCausalLM
 from keras_recurrentgemma.convert import quantize_on_load
 from tests.models import assert_same_weights
+from tests.models import safetensors_header
 from tests.models import write_tiny_hf_checkpoint
 from tests.test_streaming_load import random_draws  # noqa: F401 (fixture)
 
@@ -127,11 +126,9 @@ def test_embedding_is_read_a_slice_of_rows_at_a_time(hf_dir, mode, monkeypatch):
 
     # Where the embedding's bytes start and end in the file.
     filename = os.path.join(hf_dir, "model.safetensors")
-    with open(filename, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(size))
+    header, data_start = safetensors_header(filename)
     begin, end = (
-        8 + size + n for n in header["model.embed_tokens.weight"]["data_offsets"]
+        data_start + n for n in header["model.embed_tokens.weight"]["data_offsets"]
     )
     reads = []
     read = safetensors_reader._read
