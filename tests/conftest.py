@@ -5,9 +5,22 @@ Run one pytest process per backend: `KERAS_BACKEND=jax|tensorflow|torch`.
 
 import os
 
-import keras
-import numpy as np
-import pytest
+# XLA compiles at LLVM's optimization level 0 in the tests (JAX; TensorFlow's
+# few XLA compiles too), and in the processes they start, which inherit it.
+# The tiny models' compiles, not their runs, are most of the JAX suite's
+# time, and level 0 halves them. Only the machine code changes: the
+# optimized HLO (fusion, buffers, what is hoisted out of a loop: what our
+# memory tests check) is the same text at level 0 and at the default
+# level. Benchmarks and users get XLA's default. A level already in
+# `XLA_FLAGS` wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+    ).strip()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Tiny configs covering the block patterns the issue names; lru_width differs
 # from hidden_dim in two, and every window is short so tests run past it.

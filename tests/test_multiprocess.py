@@ -52,12 +52,12 @@ def _env():
         **os.environ,
         "KERAS_BACKEND": "jax",
         "JAX_PLATFORMS": "cpu",
-        # Read when jax starts, hence fresh processes. Optimization level 0
-        # shortens the compiles; every run, the reference included, uses it.
+        # Read when jax starts, hence fresh processes. The optimization level
+        # conftest.py sets comes along: every run, the reference included,
+        # compiles alike.
         "XLA_FLAGS": (
             os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
-            + " --xla_backend_optimization_level=0"
         ).strip(),
         "PYTHONPATH": os.pathsep.join(
             [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
