@@ -233,10 +233,11 @@ def _run_sharded(out_dir):
     (Path(out_dir) / "report.json").write_text(json.dumps(report))
 
 
-def run_with_8_devices(module, function, out_dir, xla_flags=""):
+def run_with_8_devices(module, function, out_dir):
     """Runs `module.function(out_dir)` in a fresh JAX process on 8 CPU devices.
 
-    The device count is read when jax starts, hence the fresh process.
+    The device count is read when jax starts, hence the fresh process; it
+    keeps the optimization level conftest.py puts in `XLA_FLAGS`.
     """
     root = Path(__file__).resolve().parents[1]
     env = {
@@ -244,8 +245,10 @@ def run_with_8_devices(module, function, out_dir, xla_flags=""):
         "KERAS_BACKEND": "jax",
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": " ".join(
-            [os.environ.get("XLA_FLAGS", ""), xla_flags]
-            + ["--xla_force_host_platform_device_count=8"]
+            [
+                os.environ.get("XLA_FLAGS", ""),
+                "--xla_force_host_platform_device_count=8",
+            ]
         ).strip(),
         "PYTHONPATH": os.pathsep.join(
             [str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
@@ -272,12 +275,7 @@ def sharded_run(tmp_path_factory):
             "(Keras' TensorFlow distribution_lib is a prototype; torch has none)."
         )
     out_dir = tmp_path_factory.mktemp("sharded")
-    # Optimization level 0 cuts LLVM's share of the compiles by a third; both
-    # models use it, and sharding is decided before it, on the HLO.
-    run_with_8_devices(
-        "tests.test_distribution", "_run_sharded", out_dir,
-        "--xla_backend_optimization_level=0",
-    )  # fmt: skip
+    run_with_8_devices("tests.test_distribution", "_run_sharded", out_dir)
     report = json.loads((out_dir / "report.json").read_text())
     with np.load(out_dir / "arrays.npz") as arrays:
         return report, dict(arrays)
