@@ -2,7 +2,6 @@
 `ModelParallel` model on 8 virtual CPU devices against a single-device one."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from keras_recurrentgemma import RecurrentGemmaBackbone
 from keras_recurrentgemma import RecurrentGemmaCausalLM
 from keras_recurrentgemma.distribution import get_layout_map
 from tests.conftest import TINY_CONFIGS
+from tests.scripts import ROOT
+from tests.scripts import jax_cpu_env
 from tests.tolerances import PARITY
 from tests.tolerances import relative_error
 
@@ -236,30 +237,14 @@ def _run_sharded(out_dir):
 def run_with_8_devices(module, function, out_dir):
     """Runs `module.function(out_dir)` in a fresh JAX process on 8 CPU devices.
 
-    The device count is read when jax starts, hence the fresh process; it
-    keeps the optimization level conftest.py puts in `XLA_FLAGS`.
+    The device count is read when jax starts, hence the fresh process
+    (`jax_cpu_env`).
     """
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": " ".join(
-            [
-                os.environ.get("XLA_FLAGS", ""),
-                "--xla_force_host_platform_device_count=8",
-            ]
-        ).strip(),
-        "PYTHONPATH": os.pathsep.join(
-            [str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        ),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
     code = f"import sys; from {module} import {function}; {function}(sys.argv[1])"
     done = subprocess.run(
         [sys.executable, "-c", code, str(out_dir)],
-        env=env,
-        cwd=root,
+        env=jax_cpu_env(8),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

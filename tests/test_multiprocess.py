@@ -23,6 +23,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.scripts import jax_cpu_env
 from tests.tolerances import MULTIPROCESS
 from tests.tolerances import relative_error
 
@@ -45,25 +46,6 @@ def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env():
-    return {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "JAX_PLATFORMS": "cpu",
-        # Read when jax starts, hence fresh processes. The optimization level
-        # conftest.py sets comes along: every run, the reference included,
-        # compiles alike.
-        "XLA_FLAGS": (
-            os.environ.get("XLA_FLAGS", "")
-            + f" --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
-        ).strip(),
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        ),
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-    }
 
 
 def _stop(process):
@@ -98,7 +80,7 @@ def _run_all(out_dir):
             with open(logs[name], "wb") as log:
                 processes[name] = subprocess.Popen(
                     [sys.executable, "-m", "tests.multiprocess_worker", *args],
-                    env=_env(),
+                    env=jax_cpu_env(DEVICES_PER_PROCESS),
                     cwd=ROOT,
                     stdout=log,
                     stderr=subprocess.STDOUT,
