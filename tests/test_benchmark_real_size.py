@@ -8,8 +8,10 @@ leave out each generate length's one-off compile.
 import argparse
 import math
 import pathlib
+import sys
 
 import keras
+import pytest
 
 from tests.models import write_tiny_hf_checkpoint
 from tests.scripts import load_script
@@ -52,3 +54,26 @@ def test_decode_time_leaves_out_each_lengths_first_call(monkeypatch):
     assert report["warmup_calls"] == len(warmup)
     assert report["greedy"] == [0] * 5
     assert report["decode_s_per_token"] == 0  # one tick per timed call
+
+
+def test_hf_child_times_the_model_classs_own_load(tmp_path, monkeypatch):
+    # Its load time must hold `from_pretrained` alone, as ours holds
+    # `from_preset`: called on the model's class, imported before the clock
+    # starts. Through `AutoModelForCausalLM`, the class's module was
+    # imported on the clock (2.6 s of a cold 9B load timed at 5.5).
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path / "hf"
+    write_tiny_hf_checkpoint(directory)
+    model_class = transformers.RecurrentGemmaForCausalLM
+    callers = []
+    real = model_class.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(model_class, "from_pretrained", classmethod(from_pretrained))
+    args = argparse.Namespace(dir=str(directory), float32=False, generate=False)
+    report = tool.child_hf(args)
+    assert callers == ["child_hf"]
+    assert report["load_s"] > 0 and report["load_peak_gib"] > 0
