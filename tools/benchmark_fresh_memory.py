@@ -52,7 +52,7 @@ def main():
         "threads": args.threads,
         "first_write_gbps": [round(gb / t, 2) for t in first],
         "second_write_gbps": [round(gb / t, 2) for t in again],
-        "first_write_s": round(sum(first), 2),
+        "first_write_s": round(sum(first), 3),
     }
     print(json.dumps(report, indent=1))
 
