@@ -74,6 +74,11 @@ def test_hf_child_times_the_model_classs_own_load(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model_class, "from_pretrained", classmethod(from_pretrained))
     args = argparse.Namespace(dir=str(directory), float32=False, generate=False)
-    report = tool.child_hf(args)
+    torch = pytest.importorskip("torch")
+    # `child_hf` turns torch's gradients off for its process; this one's
+    # later tests train.
+    with torch.enable_grad():
+        report = tool.child_hf(args)
+    assert torch.is_grad_enabled()
     assert callers == ["child_hf"]
     assert report["load_s"] > 0 and report["load_peak_gib"] > 0
