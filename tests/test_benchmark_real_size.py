@@ -7,16 +7,16 @@ leave out each generate length's one-off compile.
 
 import argparse
 import math
-import pathlib
 import sys
 
 import keras
 import pytest
 
 from tests.models import write_tiny_hf_checkpoint
+from tests.scripts import ROOT
 from tests.scripts import load_script
 
-TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "benchmark_real_size.py"
+TOOL = ROOT / "tools" / "benchmark_real_size.py"
 
 
 tool = load_script(TOOL, "benchmark_real_size")
@@ -74,11 +74,8 @@ def test_hf_child_times_the_model_classs_own_load(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model_class, "from_pretrained", classmethod(from_pretrained))
     args = argparse.Namespace(dir=str(directory), float32=False, generate=False)
-    torch = pytest.importorskip("torch")
-    # `child_hf` turns torch's gradients off for its process; this one's
-    # later tests train.
-    with torch.enable_grad():
-        report = tool.child_hf(args)
-    assert torch.is_grad_enabled()
+    report = tool.child_hf(args)
+    # Gradients stay on for this process's later tests, which train.
+    assert pytest.importorskip("torch").is_grad_enabled()
     assert callers == ["child_hf"]
     assert report["load_s"] > 0 and report["load_peak_gib"] > 0

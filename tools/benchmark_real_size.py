@@ -182,24 +182,26 @@ def child_hf(args):
     import torch
     import transformers
 
-    torch.set_grad_enabled(False)
-    dtype = torch.float32 if args.float32 else torch.bfloat16
-    # The model's class is imported before the clock starts, as ours is
-    # (`child_ours`): through `AutoModelForCausalLM` its module is imported
-    # inside `from_pretrained`, 2.6 s of a cold 9B load timed at 5.5.
-    model_class = transformers.RecurrentGemmaForCausalLM
-    start = time.perf_counter()
-    model = model_class.from_pretrained(args.dir, dtype=dtype)
-    report = {"load_s": time.perf_counter() - start, "load_peak_gib": peak_gib()}
-    if args.float32:
-        ids = torch.tensor(prompt_ids(args.parity_tokens)[None])
-        np.save(args.out, model(ids).logits[0].float().numpy())
-        report["greedy"] = greedy_hf(model, ids[:, : args.prompt], 32)
+    # Inference only; a context, not the process-wide switch, since tests
+    # call this in their own process.
+    with torch.no_grad():
+        dtype = torch.float32 if args.float32 else torch.bfloat16
+        # The model's class is imported before the clock starts, as ours is
+        # (`child_ours`): through `AutoModelForCausalLM` its module is imported
+        # inside `from_pretrained`, 2.6 s of a cold 9B load timed at 5.5.
+        model_class = transformers.RecurrentGemmaForCausalLM
+        start = time.perf_counter()
+        model = model_class.from_pretrained(args.dir, dtype=dtype)
+        report = {"load_s": time.perf_counter() - start, "load_peak_gib": peak_gib()}
+        if args.float32:
+            ids = torch.tensor(prompt_ids(args.parity_tokens)[None])
+            np.save(args.out, model(ids).logits[0].float().numpy())
+            report["greedy"] = greedy_hf(model, ids[:, : args.prompt], 32)
+            return report
+        if args.generate:
+            ids = torch.tensor(prompt_ids(args.prompt)[None])
+            report.update(measure_generate(lambda n: greedy_hf(model, ids, n), args))
         return report
-    if args.generate:
-        ids = torch.tensor(prompt_ids(args.prompt)[None])
-        report.update(measure_generate(lambda n: greedy_hf(model, ids, n), args))
-    return report
 
 
 def greedy_hf(model, ids, n):
