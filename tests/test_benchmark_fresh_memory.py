@@ -1,16 +1,14 @@
 """tools/benchmark_fresh_memory.py on a few MiB: it writes what it times."""
 
 import json
-import pathlib
 import sys
 
 import numpy as np
 
+from tests.scripts import ROOT
 from tests.scripts import load_script
 
-TOOL = (
-    pathlib.Path(__file__).resolve().parents[1] / "tools" / "benchmark_fresh_memory.py"
-)
+TOOL = ROOT / "tools" / "benchmark_fresh_memory.py"
 tool = load_script(TOOL, "benchmark_fresh_memory")
 
 

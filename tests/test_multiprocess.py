@@ -17,12 +17,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
+from tests.scripts import ROOT
 from tests.scripts import jax_cpu_env
 from tests.tolerances import MULTIPROCESS
 from tests.tolerances import relative_error
@@ -38,7 +38,6 @@ TOL = MULTIPROCESS["float32"]["relative"]
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 TIMEOUT_S = 300
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("data_parallel", "model_parallel", "tensor_parallel")
 
 
